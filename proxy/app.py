@@ -1,0 +1,68 @@
+"""Composition root: build the ASGI app from settings. The lifespan owns the upstream client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from .config import Settings
+from .logs import AccessLog
+from .metrics import Metrics
+from .pricing import PriceTable
+from .routes import ProxyApp, Services
+from .upstream import Upstream
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    rand: Callable[[], float] = random.random,
+) -> Starlette:
+    """The flex-proxy app; nothing is started until the lifespan runs."""
+    settings = settings or Settings()
+    disable_created_metrics()  # the *_created series only add noise to every counter
+    prices = PriceTable.load(settings.prices_file)
+    metrics = Metrics(known_models=prices.models)
+    upstream = Upstream(
+        settings.upstream_base_url,
+        timeout_s=settings.upstream_timeout_s,
+        connect_timeout_s=settings.connect_timeout_s,
+        max_connections=settings.max_connections,
+    )
+    services = Services(settings, upstream, metrics, prices, AccessLog(settings.log_format), clock, sleep, rand)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await upstream.start()
+        try:
+            yield
+        finally:
+            await upstream.close()
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Mount("/v1", app=ProxyApp(services)),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,120 @@
+"""Small ASGI helpers: read a bounded body, send a response, notice a client that went away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .errors import BodyTooLarge
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Scope = MutableMapping[str, Any]
+
+
+class ClientGone(Exception):
+    """The client disconnected before the proxy answered."""
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
+    """The whole request body, refusing more than `limit` bytes before reading them where possible."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def stream_body(receive: Receive, on_end: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The request body as it arrives, for pass-through; `on_end` runs once it has all been read."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            on_end()
+            return
+
+
+class DisconnectGuard:
+    """Cancels the work task when the client disconnects, so no retry or upstream read outlives it.
+
+    Disarm before the final send: uvicorn reports a disconnect as soon as a response is complete.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self._work: asyncio.Task[Any] | None = None
+        self.fired = False
+
+    def watch(self, work: asyncio.Task[Any]) -> None:
+        self._work = work
+
+    def arm(self) -> None:
+        if self._watcher is None and self._work is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._wait())
+
+    def disarm(self) -> None:
+        self._work = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _wait(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                break
+        if self._work is not None and not self._work.done():
+            self.fired = True
+            self._work.cancel()
+
+
+class Responder:
+    """Sends one HTTP response and remembers whether it has started (after which no status can change)."""
+
+    def __init__(self, send: Send, guard: DisconnectGuard) -> None:
+        self._send = send
+        self._guard = guard
+        self.started = False
+        self.status = 0
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        self.status = status
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def finish(self, data: bytes = b"") -> None:
+        self._guard.disarm()
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
+        await self.start(status, headers)
+        await self.finish(body)

@@ -1,0 +1,80 @@
+"""The `flex-proxy` command: read settings once, then serve (or run the simulated upstream)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from .config import Settings
+from .logs import configure
+
+DESCRIPTION = "Reverse proxy for the OpenAI API that sends eligible requests on the flex tier."
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flex-proxy",
+        description=DESCRIPTION,
+        epilog="Every flag can also be set as FLEX_PROXY_<NAME> in the environment. "
+        "`flex-proxy simulate --help` runs a simulated OpenAI upstream instead.",
+    )
+    for name, info in Settings.model_fields.items():
+        env = "FLEX_PROXY_" + name.upper()
+        if name in ("api_key", "client_keys"):
+            continue  # secrets come from the environment only, never from a command line others can read
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUE",
+            help=f"{env} (default: {_default(info.default)})",
+        )  # fmt: skip
+    return parser
+
+
+def _default(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def load_settings(argv: list[str]) -> Settings:
+    """Flags over environment over defaults; a bad value exits with one line naming the setting."""
+    args = _parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = error["loc"][0] if error["loc"] else ""
+        name = f"FLEX_PROXY_{str(loc).upper()}: " if loc else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise SystemExit(f"flex-proxy: invalid setting {name}{message}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        from .sim.cli import main as simulate
+
+        return simulate(argv[1:])
+    settings = load_settings(argv)
+    configure(settings.log_level, settings.log_format)
+    from .app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        backlog=4096,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        server_header=False,
+        date_header=False,
+    )
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,67 @@
+"""One error tree for the proxy, and the OpenAI-shaped envelope every error reaches the client in.
+
+    FlexProxyError
+    ├── ClientError            the request itself is wrong (400, 401, 413)
+    └── UpstreamError          the upstream could not give an answer (502)
+        ├── UpstreamUnreachable   connection refused, reset or dropped before an answer (502)
+        └── UpstreamTimeout       no answer within the time allowed (504)
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    """The `{"error": {...}}` body the OpenAI API and its SDKs use for every error."""
+    error = {"message": message, "type": type_, "param": param, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+class FlexProxyError(Exception):
+    """Base of every error the proxy raises itself; knows its status and envelope."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "proxy_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+class ClientError(FlexProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class UpstreamError(FlexProxyError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"

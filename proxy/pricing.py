@@ -1,0 +1,142 @@
+"""Price an answer from its `usage` and the tier that served it, and what flex saved. Pure: no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+_DATED = re.compile(r"^(?P<family>.+?)-\d{4}-\d{2}-\d{2}$")
+_MILLION = Decimal(1_000_000)
+STANDARD_TIERS = frozenset({"default", "auto", "standard"})
+
+
+@dataclass(frozen=True)
+class Rates:
+    """USD per 1M tokens."""
+
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+    cache_write: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    family: str
+    standard: Rates
+    flex: Rates
+
+
+@dataclass(frozen=True)
+class Usage:
+    input: int = 0  # all prompt tokens, cached and cache-write ones included
+    cached_input: int = 0
+    output: int = 0  # reasoning tokens included, as OpenAI bills them
+    reasoning: int = 0
+    cache_write: int = 0
+
+
+@dataclass(frozen=True)
+class Costing:
+    cost_usd: Decimal
+    saved_usd: Decimal  # standard price minus flex price, for answers served on flex
+    lost_usd: Decimal  # what flex would have saved, for answers the proxy sent flex but standard served
+
+
+def family_of(model: str) -> str:
+    """`o3-2025-04-16` → `o3`: dated snapshots are priced as their family."""
+    match = _DATED.match(model)
+    return match.group("family") if match else model
+
+
+def _rates(data: Mapping[str, Any]) -> Rates:
+    write = data.get("cache_write")
+    return Rates(
+        Decimal(str(data["input"])),
+        Decimal(str(data.get("cached_input", data["input"]))),
+        Decimal(str(data["output"])),
+        None if write is None else Decimal(str(write)),
+    )
+
+
+class PriceTable:
+    """Model family → prices; the packaged table, optionally extended or replaced by an operator's file."""
+
+    def __init__(self, models: Mapping[str, ModelPrice]) -> None:
+        self.models = dict(models)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PriceTable:
+        return cls({
+            name: ModelPrice(name, _rates(entry["standard"]), _rates(entry["flex"]))
+            for name, entry in data["models"].items()
+        })  # fmt: skip
+
+    @classmethod
+    def load(cls, override: Path | None = None) -> PriceTable:
+        """The packaged table, with each model in `override` (same format) added or replaced."""
+        text = resources.files("proxy").joinpath("prices.json").read_text(encoding="utf-8")
+        table = cls.from_json(json.loads(text))
+        if override is not None:
+            extra = cls.from_json(json.loads(override.read_text(encoding="utf-8")))
+            table.models.update(extra.models)
+        return table
+
+    def resolve(self, model: str) -> ModelPrice | None:
+        return self.models.get(model) or self.models.get(family_of(model))
+
+
+def usage_from(body: Mapping[str, Any]) -> Usage | None:
+    """Read `usage` from a chat completion, a Response or a stream's usage chunk; None when absent."""
+    usage = body.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    if "input_tokens" in usage:  # Responses API
+        inp, out = usage.get("input_tokens"), usage.get("output_tokens")
+        in_details, out_details = usage.get("input_tokens_details"), usage.get("output_tokens_details")
+    else:  # Chat Completions
+        inp, out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        in_details, out_details = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+    return Usage(
+        input=_int(inp),
+        cached_input=_int(_field(in_details, "cached_tokens")),
+        output=_int(out),
+        reasoning=_int(_field(out_details, "reasoning_tokens")),
+        cache_write=_int(_field(in_details, "cache_write_tokens")),
+    )
+
+
+def _field(details: Any, name: str) -> Any:
+    return details.get(name) if isinstance(details, Mapping) else None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def cost(rates: Rates, usage: Usage) -> Decimal:
+    cached = min(usage.cached_input, usage.input)
+    written = min(usage.cache_write, usage.input - cached) if rates.cache_write is not None else 0
+    plain = usage.input - cached - written
+    total = plain * rates.input + cached * rates.cached_input + usage.output * rates.output
+    if rates.cache_write is not None:
+        total += written * rates.cache_write
+    return total / _MILLION
+
+
+def price(model_price: ModelPrice, usage: Usage, served_tier: str | None, *, sent_flex: bool) -> Costing | None:
+    """Cost at the served tier; None when that tier has no price here (priority, scale, ...)."""
+    standard = cost(model_price.standard, usage)
+    flex = cost(model_price.flex, usage)
+    zero = Decimal(0)
+    if served_tier == "flex":
+        return Costing(flex, standard - flex, zero)
+    if served_tier is None or served_tier in STANDARD_TIERS:
+        return Costing(standard, zero, standard - flex if sent_flex else zero)
+    return None

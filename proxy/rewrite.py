@@ -1,0 +1,139 @@
+"""Read a JSON request body once and re-emit it with changed top-level members, all other bytes untouched.
+
+The client's body reaches upstream exactly as sent (key order, spacing, unicode, big integers, unknown
+fields): only the members the proxy sets are spliced in or out of the original bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from json.decoder import scanstring
+from typing import Any
+
+from .errors import ClientError
+
+_WS = re.compile(r"[ \t\n\r]*")
+_scan_value = json.JSONDecoder().raw_decode
+_DROP = object()
+
+
+@dataclass(frozen=True)
+class Member:
+    key: str
+    key_start: int  # offset of the key's opening quote
+    value_start: int
+    value_end: int
+    value: Any
+
+
+@dataclass(frozen=True)
+class Body:
+    """A parsed request body: the original bytes plus where each top-level member sits in them."""
+
+    raw: bytes
+    text: str
+    open_brace: int
+    members: dict[str, Member]  # a duplicated key keeps its last value, as json.loads does
+    order: tuple[Member, ...]  # every member in text order, duplicates included
+
+    def get(self, key: str, default: Any = None) -> Any:
+        member = self.members.get(key)
+        return default if member is None else member.value
+
+    def render(self, changes: dict[str, Any]) -> bytes:
+        """The body with each key in `changes` set to its value, or removed when the value is DROP."""
+        edits: list[tuple[int, int, str]] = []  # (start, end, replacement) in text offsets
+        prefix: list[str] = []
+        for key, value in changes.items():
+            present = [m for m in self.order if m.key == key]
+            if value is _DROP:
+                edits.extend(self._removal(m) for m in present)
+            elif present:
+                encoded = _dumps(value)
+                edits.extend((m.value_start, m.value_end, encoded) for m in present)
+            else:
+                prefix.append(f"{_dumps(key)}:{_dumps(value)}")
+        if prefix:
+            joiner = "," if self.order else ""
+            edits.append((self.open_brace + 1, self.open_brace + 1, ",".join(prefix) + joiner))
+        return self._apply(edits)
+
+    def _removal(self, member: Member) -> tuple[int, int, str]:
+        index = self.order.index(member)
+        if index + 1 < len(self.order):
+            return member.key_start, self.order[index + 1].key_start, ""
+        if index > 0:
+            return self.order[index - 1].value_end, member.value_end, ""
+        return member.key_start, member.value_end, ""
+
+    def _apply(self, edits: list[tuple[int, int, str]]) -> bytes:
+        if not edits:
+            return self.raw
+        ascii_only = len(self.text) == len(self.raw)
+        out: list[bytes] = []
+        cursor = 0
+        for start, end, replacement in sorted(edits):
+            b_start = start if ascii_only else len(self.text[:start].encode())
+            b_end = end if ascii_only else b_start + len(self.text[start:end].encode())
+            out.append(self.raw[cursor:b_start])
+            out.append(replacement.encode())
+            cursor = b_end
+        out.append(self.raw[cursor:])
+        return b"".join(out)
+
+
+DROP = _DROP
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse(raw: bytes) -> Body:
+    """Parse a JSON object body; anything else is a ClientError naming what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClientError(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
+    try:
+        return _parse_object(text, raw)
+    except (ValueError, IndexError) as exc:
+        raise ClientError(f"We could not parse the JSON body of your request: {exc}") from None
+
+
+def _parse_object(text: str, raw: bytes) -> Body:
+    pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
+    if text[pos : pos + 1] != "{":
+        raise ValueError("the body must be a JSON object")
+    open_brace = pos
+    members: dict[str, Member] = {}
+    order: list[Member] = []
+    pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            if text[pos : pos + 1] != '"':
+                raise ValueError(f"expected a property name at character {pos}")
+            key_start = pos
+            key, pos = scanstring(text, pos + 1)
+            pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+            if text[pos : pos + 1] != ":":
+                raise ValueError(f"expected ':' at character {pos}")
+            value_start = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+            value, pos = _scan_value(text, value_start)
+            member = Member(key, key_start, value_start, pos, value)
+            members[key] = member
+            order.append(member)
+            pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+            separator = text[pos : pos + 1]
+            pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
+            if separator == "}":
+                break
+            if separator != ",":
+                raise ValueError(f"expected ',' or '}}' at character {pos - 1}")
+    if _WS.match(text, pos).end() != len(text):  # type: ignore[union-attr]
+        raise ValueError(f"extra data after the JSON object at character {pos}")
+    return Body(raw, text, open_brace, members, tuple(order))

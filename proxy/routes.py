@@ -1,0 +1,515 @@
+"""The per-request pipeline: read body → decide tier → rewrite → attempt under the retry policy →
+relay or stream → account. Every other /v1 path is passed through unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from multidict import CIMultiDict
+
+from . import policy, tiers
+from .asgi import ClientGone, DisconnectGuard, Receive, Responder, Scope, Send, header, read_body, stream_body
+from .config import STRATEGIES, Settings
+from .errors import ClientError, FlexProxyError, Unauthorized, UpstreamError, UpstreamTimeout, error_body
+from .logs import AccessLog
+from .metrics import Metrics, status_class, tier_label
+from .policy import Outcome, Progress, Step
+from .pricing import PriceTable, Usage, price, usage_from
+from .rewrite import DROP, Body, parse
+from .streaming import SSEDecoder, StreamState
+from .upstream import Upstream, UpstreamResponse, request_headers, response_headers
+
+MODEL_ENDPOINTS = {"/chat/completions": "chat", "/responses": "responses", "/responses/compact": "compact"}
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+@dataclass
+class Services:
+    """What the pipeline needs from the app; clock, sleep and rand are seams for tests."""
+
+    settings: Settings
+    upstream: Upstream
+    metrics: Metrics
+    prices: PriceTable
+    access_log: AccessLog
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rand: Callable[[], float] = random.random
+
+
+@dataclass
+class Record:
+    """What happened to one request, for its metrics and its log line."""
+
+    endpoint: str
+    method: str = "POST"
+    path: str = ""
+    model: str | None = None
+    requested_tier: str | None = None
+    served_tier: str | None = None
+    tier_reason: str | None = None
+    stream: bool = False
+    attempts: int = 0
+    fell_back: bool = False
+    outcome: str = "ok"
+    status: int = 0
+    backoff_s: float = 0.0
+    request_id: str | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    saved_usd: float | None = None
+
+
+@dataclass
+class OpenStream:
+    """A 200 event stream whose first events have been read but not yet sent."""
+
+    decoder: SSEDecoder
+    state: StreamState
+    pending: list[bytes]
+    chunks: AsyncIterator[bytes]
+
+
+class ProxyApp:
+    """ASGI app mounted at /v1."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        rest = path[3:] if path.startswith("/v1") else path
+        endpoint = MODEL_ENDPOINTS.get(rest) if scope["method"] == "POST" else None
+        record = Record(endpoint or "other", scope["method"], rest)
+        guard = DisconnectGuard(receive)
+        responder = Responder(send, guard)
+        metrics = self.s.metrics
+        metrics.in_flight.labels(record.endpoint).inc()
+        start = self.s.clock()
+        work: asyncio.Task[None] | None = None
+        try:
+            if endpoint is None:
+                job = self._passthrough(scope, receive, record, responder, guard)
+            else:
+                job = self._model_request(scope, receive, record, responder, guard)
+            work = asyncio.get_running_loop().create_task(job)
+            guard.watch(work)
+            await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not guard.fired or (current is not None and current.cancelling()):
+                raise
+            record.outcome = "client_disconnected"
+        finally:
+            guard.disarm()
+            metrics.in_flight.labels(record.endpoint).dec()
+            self._account(record, self.s.clock() - start)
+
+    # -- model requests ---------------------------------------------------------------------------
+
+    async def _model_request(
+        self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard
+    ) -> None:
+        s = self.s.settings
+        try:
+            authorization = self._authorize(scope)
+            raw = await read_body(receive, s.max_body_bytes, header(scope, b"content-length"))
+            body = parse(raw)
+            mode = tiers.header_mode(header(scope, b"x-flex-tier"))
+            strategy = _strategy(header(scope, b"x-flex-on-unavailable"), s.on_unavailable)
+        except ClientGone:
+            rec.outcome = "client_disconnected"
+            return
+        except ClientError as exc:
+            rec.outcome = "bad_request"
+            await self._error(out, rec, exc)
+            return
+        guard.arm()
+        model = body.get("model")
+        rec.model = model if isinstance(model, str) else None
+        rec.stream = body.get("stream") is True
+        decision = tiers.decide(
+            model=model,
+            client_tier=body.get("service_tier"),
+            background=body.get("background") is True,
+            header=mode,
+            patterns=s.flex_models,
+            override_client_tier=s.override_client_tier,
+            inject_background=s.inject_background,
+        )
+        rec.requested_tier = decision.tier
+        rec.tier_reason = decision.reason
+        changes: dict[str, Any] = {}
+        if decision.managed:
+            changes["service_tier"] = decision.tier
+        strip_usage = False
+        if rec.stream and rec.endpoint == "chat":
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                # Ask for usage so the answer can be priced; the extra chunk is taken out again on the way back.
+                changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                strip_usage = True
+        headers = request_headers(scope["headers"], authorization)
+        path = rec.path + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else "")
+        try:
+            await self._attempts(rec, out, body, changes, decision, strategy, headers, path, strip_usage, scope)
+        except UpstreamError as exc:
+            rec.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
+            await self._error(out, rec, exc)
+
+    async def _attempts(
+        self,
+        rec: Record,
+        out: Responder,
+        body: Body,
+        changes: dict[str, Any],
+        decision: tiers.TierDecision,
+        strategy: str,
+        headers: CIMultiDict[str],
+        path: str,
+        strip_usage: bool,
+        scope: Scope,
+    ) -> None:
+        s, m, clock = self.s.settings, self.s.metrics, self.s.clock
+        limits = self._limits(strategy, scope, clock())
+        progress = Progress()
+        on_flex = decision.on_flex
+        model_label = m.model_label(rec.model)
+        response: UpstreamResponse | None = None
+        stream: OpenStream | None = None
+        try:
+            while True:
+                rec.attempts += 1
+                if on_flex:
+                    progress.flex_attempts += 1
+                tier = changes.get("service_tier", decision.tier)
+                tier_name = tier_label(None if tier is DROP else tier)
+                response, stream, failure, data, outcome = await self._attempt(
+                    rec, body.render(changes), headers, path, limits, strip_usage, on_flex, tier_name
+                )
+                status = None if response is None else response.status
+                m.attempts.labels(rec.endpoint, tier_name, status_class(status, _failure_class(failure))).inc()
+                action = policy.next_action(
+                    outcome,
+                    on_flex=on_flex,
+                    managed=decision.managed,
+                    progress=progress,
+                    limits=limits,
+                    now=clock(),
+                    retry_after=None if response is None else policy.retry_after_s(response.headers),
+                    rand=self.s.rand(),
+                )
+                if action.step is Step.ANSWER:
+                    break
+                await _discard(response, stream)
+                if action.step is Step.DROP_TIER:
+                    progress.tier_rejected = True
+                    m.tier_rejections.labels(rec.endpoint, model_label).inc()
+                    changes["service_tier"] = DROP
+                    on_flex = False
+                elif action.step is Step.FALLBACK:
+                    progress.fell_back = rec.fell_back = True
+                    m.fallbacks.labels(rec.endpoint, model_label).inc()
+                    changes["service_tier"] = DROP if s.standard_tier == "omit" else s.standard_tier
+                    on_flex = False
+                else:
+                    if outcome is not Outcome.FLEX_UNAVAILABLE:
+                        progress.retries += 1
+                    m.retries.labels(rec.endpoint, model_label, action.reason or "other").inc()
+                if action.delay > 0:
+                    m.backoff.labels(rec.endpoint).observe(action.delay)
+                    rec.backoff_s += action.delay
+                    await self.s.sleep(action.delay)
+            if response is None:
+                assert failure is not None
+                raise failure
+            await self._deliver(rec, out, response, outcome, data, stream, limits)
+        finally:
+            await _discard(response, stream)
+
+    async def _attempt(
+        self,
+        rec: Record,
+        payload: bytes,
+        headers: CIMultiDict[str],
+        path: str,
+        limits: policy.Limits,
+        strip_usage: bool,
+        on_flex: bool,
+        tier_name: str,
+    ) -> tuple[UpstreamResponse | None, OpenStream | None, UpstreamError | None, bytes, Outcome]:
+        """One upstream attempt, read far enough to know whether it can be answered or must be retried."""
+        clock = self.s.clock
+        sent_at = clock()
+        response: UpstreamResponse | None = None
+        try:
+            response = await self.s.upstream.send("POST", path, headers, payload, timeout_s=limits.deadline - sent_at)
+            self.s.metrics.ttfb.labels(rec.endpoint, tier_name).observe(clock() - sent_at)
+            if response.status >= 400 or not rec.stream or not _is_sse(response):
+                data = await response.read()
+                error = _error_object(data) if response.status >= 400 else None
+                return response, None, None, data, policy.classify(response.status, error, on_flex=on_flex)
+            stream = await self._first_events(rec, response, strip_usage)
+            error = stream.state.error
+            outcome = policy.classify_stream_error(error, on_flex=on_flex) if error else Outcome.OK
+            return response, stream, None, b"", outcome
+        except UpstreamError as exc:
+            if response is not None:
+                response.close()
+            outcome = Outcome.TIMEOUT if isinstance(exc, UpstreamTimeout) else Outcome.CONNECTION
+            return None, None, exc, b"", outcome
+
+    async def _first_events(
+        self, rec: Record, response: UpstreamResponse, strip_usage: bool
+    ) -> OpenStream:
+        """Read until the stream's first event, so an error there can still be retried."""
+        decoder = SSEDecoder()
+        state = StreamState("chat" if rec.endpoint == "chat" else "responses", strip_usage)
+        chunks = response.chunks()
+        pending: list[bytes] = []
+        async for chunk in chunks:
+            for event in decoder.feed(chunk):
+                pending.append(state.take(event))
+            if pending:
+                break
+        return OpenStream(decoder, state, pending, chunks)
+
+    async def _deliver(
+        self,
+        rec: Record,
+        out: Responder,
+        response: UpstreamResponse,
+        outcome: Outcome,
+        data: bytes,
+        stream: OpenStream | None,
+        limits: policy.Limits,
+    ) -> None:
+        try:
+            rec.request_id = response.headers.get("x-request-id")
+            rec.status = response.status
+            headers = response_headers(response.headers)
+            if stream is not None:
+                await self._relay(rec, out, response, headers, stream)
+                return
+            if response.status >= 400:
+                rec.outcome = outcome.value if outcome is not Outcome.OK else "upstream_error"
+                extra = [(b"x-should-retry", b"false")]
+                if response.status == 429 and "retry-after" not in response.headers:
+                    wait = min(limits.backoff_max_s, limits.backoff_initial_s * 2)
+                    extra.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+                await out.whole(response.status, headers + extra + self._flex_headers(rec), data)
+                return
+            answer = _json_object(data)
+            if answer is not None:
+                tier = answer.get("service_tier")
+                rec.served_tier = tier if isinstance(tier, str) else None
+                rec.usage = usage_from(answer)
+            await out.whole(response.status, headers + self._flex_headers(rec), data)
+        finally:
+            response.close()
+
+    async def _relay(
+        self,
+        rec: Record,
+        out: Responder,
+        response: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
+        stream: OpenStream,
+    ) -> None:
+        """Send the stream on event by event; a cut upstream ends it with an error event, never silently."""
+        state = stream.state
+        rec.served_tier = state.served_tier
+        await out.start(response.status, headers + self._flex_headers(rec))
+        try:
+            await out.write(b"".join(stream.pending))
+            if not state.finished:
+                async for chunk in stream.chunks:
+                    await out.write(b"".join(state.take(event) for event in stream.decoder.feed(chunk)))
+        except UpstreamError as exc:
+            rec.outcome = "stream_cut"
+            await out.write(state.error_event(exc.message, exc.code or "upstream_error"))
+        else:
+            if not state.finished:
+                rec.outcome = "stream_cut"
+                message = "The upstream API ended the stream before its last event."
+                await out.write(state.error_event(message, "stream_incomplete"))
+            elif state.error is not None:
+                rec.outcome = "upstream_error"
+        finally:
+            rec.served_tier = state.served_tier or rec.served_tier
+            if state.usage_body is not None:
+                rec.usage = usage_from(state.usage_body)
+        await out.finish()
+
+    # -- pass-through -------------------------------------------------------------------------------
+
+    async def _passthrough(
+        self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard
+    ) -> None:
+        try:
+            authorization = self._authorize(scope)
+        except ClientError as exc:
+            rec.outcome = "bad_request"
+            await self._error(out, rec, exc)
+            return
+        headers = request_headers(scope["headers"], authorization)
+        length = header(scope, b"content-length")
+        chunked = (header(scope, b"transfer-encoding") or "").lower() == "chunked"
+        body = None
+        if (length is not None and length != "0") or chunked:
+            body = stream_body(receive, guard.arm)
+            if length is not None:
+                headers["content-length"] = length
+        else:
+            guard.arm()
+        path = rec.path + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else "")
+        rec.attempts = 1
+        try:
+            response = await self.s.upstream.send(scope["method"], path, headers, body)
+        except UpstreamError as exc:
+            rec.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
+            await self._error(out, rec, exc)
+            return
+        except ClientGone:
+            rec.outcome = "client_disconnected"
+            return
+        try:
+            rec.status = response.status
+            rec.request_id = response.headers.get("x-request-id")
+            rec.outcome = "ok" if response.status < 400 else "upstream_error"
+            await out.start(response.status, response_headers(response.headers) + [(b"x-flex-attempts", b"1")])
+            try:
+                async for chunk in response.chunks():
+                    await out.write(chunk)
+            except UpstreamError:
+                rec.outcome = "stream_cut"  # the status is sent: all that is left is to end the body early
+            await out.finish()
+        finally:
+            response.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _authorize(self, scope: Scope) -> str | None:
+        """The Authorization to send upstream; with client keys set, only their holders get the proxy's key."""
+        s = self.s.settings
+        given = header(scope, b"authorization")
+        if s.client_keys:
+            token = given[7:].strip() if given and given[:7].lower() == "bearer " else ""
+            if not any(hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in s.client_keys):
+                raise Unauthorized("This proxy needs one of its client keys as the API key (Authorization: Bearer).")
+            assert s.api_key is not None
+            return "Bearer " + s.api_key.get_secret_value()
+        if given:
+            return given
+        return "Bearer " + s.api_key.get_secret_value() if s.api_key else None
+
+    def _limits(self, strategy: str, scope: Scope, now: float) -> policy.Limits:
+        """Retry limits; the client's own read timeout (x-stainless-read-timeout) is the hard deadline."""
+        s = self.s.settings
+        deadline = math.inf
+        client_timeout = header(scope, b"x-stainless-read-timeout")
+        if client_timeout is not None:
+            try:
+                seconds = float(client_timeout)
+            except ValueError:
+                seconds = math.nan
+            if math.isfinite(seconds) and seconds > 0:
+                deadline = now + seconds - min(1.0, seconds * 0.05)
+        flex_deadline = min(now + s.flex_budget_s, deadline)
+        if strategy == "backoff-then-standard":
+            flex_deadline = min(flex_deadline, deadline - s.standard_reserve_s)
+        return policy.Limits(
+            strategy=strategy,
+            max_flex_attempts=s.max_flex_attempts,
+            max_retries=s.max_retries,
+            backoff_initial_s=s.backoff_initial_s,
+            backoff_max_s=s.backoff_max_s,
+            flex_deadline=flex_deadline,
+            deadline=deadline,
+        )
+
+    def _flex_headers(self, rec: Record) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"x-flex-attempts", str(rec.attempts).encode()),
+            (b"x-flex-requested-tier", (rec.requested_tier or "none").encode()),
+            (b"x-flex-served-tier", (rec.served_tier or "none").encode()),
+        ]
+
+    async def _error(self, out: Responder, rec: Record, exc: FlexProxyError) -> None:
+        rec.status = exc.status
+        if out.started:
+            return
+        headers = [*JSON_HEADERS, (b"x-should-retry", b"false"), *self._flex_headers(rec)]
+        await out.whole(exc.status, headers, exc.body())
+
+    def _account(self, rec: Record, duration: float) -> None:
+        m = self.s.metrics
+        model = m.model_label(rec.model)
+        served = tier_label(rec.served_tier)
+        m.requests.labels(rec.endpoint, model, tier_label(rec.requested_tier), served, rec.outcome).inc()
+        m.duration.labels(rec.endpoint, rec.outcome).observe(duration)
+        if rec.usage is not None and rec.model is not None:
+            model_price = self.s.prices.resolve(rec.model)
+            costing = None
+            if model_price is not None:
+                costing = price(model_price, rec.usage, rec.served_tier, sent_flex=rec.requested_tier == "flex")
+            m.account(model, served, rec.usage, costing)
+            if costing is not None:
+                rec.cost_usd = float(costing.cost_usd)
+                rec.saved_usd = float(costing.saved_usd)
+        self.s.access_log.write(rec, duration)
+
+
+def _strategy(value: str | None, default: str) -> str:
+    if value is None:
+        return default
+    strategy = value.strip().lower()
+    if strategy not in STRATEGIES:
+        raise ClientError(
+            f"X-Flex-On-Unavailable must be one of {', '.join(STRATEGIES)}.",
+            param="X-Flex-On-Unavailable",
+            code="invalid_header",
+        )
+    return strategy
+
+
+async def _discard(response: UpstreamResponse | None, stream: OpenStream | None) -> None:
+    if stream is not None:
+        await stream.chunks.aclose()  # type: ignore[attr-defined]
+    if response is not None:
+        response.close()
+
+
+def _is_sse(response: UpstreamResponse) -> bool:
+    return response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def _failure_class(failure: UpstreamError | None) -> str | None:
+    if failure is None:
+        return None
+    return "timeout" if isinstance(failure, UpstreamTimeout) else "connection_error"
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _error_object(data: bytes) -> dict[str, Any] | None:
+    obj = _json_object(data)
+    error = obj.get("error") if obj else None
+    return error if isinstance(error, dict) else None
+
+
+__all__ = ["JSON_HEADERS", "ProxyApp", "Services", "error_body"]

@@ -1,0 +1,147 @@
+"""Server-sent events: split a byte stream into whole events, read what the proxy needs from them,
+and pass the original bytes on (minus the usage chunk the proxy asked for on the client's behalf)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE = re.compile(rb"\r\n|\n|\r")
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
+TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+@dataclass(frozen=True)
+class Event:
+    raw: bytes  # the event as received, its blank-line terminator included
+    event: str | None
+    data: bytes
+
+
+class SSEDecoder:
+    """Feed network chunks in, get whole events out; an event split across chunks waits for its end."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buffer = self._buffer + chunk
+        events: list[Event] = []
+        start = 0
+        for match in _BOUNDARY.finditer(buffer):
+            block = buffer[start : match.start()]
+            raw = buffer[start : match.end()]
+            start = match.end()
+            events.append(_parse_block(block, raw))
+        self._buffer = buffer[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        return self._buffer
+
+
+def _parse_block(block: bytes, raw: bytes) -> Event:
+    name: str | None = None
+    data: list[bytes] = []
+    for line in _LINE.split(block):
+        if not line or line.startswith(b":"):
+            continue
+        key, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if key == b"event":
+            name = value.decode("utf-8", "replace")
+        elif key == b"data":
+            data.append(value)
+    return Event(raw, name, b"\n".join(data))
+
+
+@dataclass
+class StreamState:
+    """What a relayed stream told the proxy: served tier, usage, errors, and whether it ended properly."""
+
+    kind: str  # "chat" or "responses"
+    strip_usage: bool  # the client did not ask for usage; the proxy did
+    served_tier: str | None = None
+    usage_body: dict[str, Any] | None = None  # an object carrying `usage`, for pricing.usage_from
+    error: dict[str, Any] | None = None
+    finished: bool = False
+    events: int = 0
+    last_sequence: int = field(default=-1)
+
+    def take(self, event: Event) -> bytes:
+        """Note what the event says; return the bytes to send on (b"" to drop it)."""
+        self.events += 1
+        if self.kind == "chat":
+            return self._take_chat(event)
+        return self._take_responses(event)
+
+    def _take_chat(self, event: Event) -> bytes:
+        if event.data.startswith(b"[DONE]"):
+            self.finished = True
+            return event.raw
+        obj = _json(event.data)
+        if obj is None:
+            return event.raw
+        if isinstance(obj.get("error"), dict):
+            self.error = obj["error"]
+            return event.raw
+        tier = obj.get("service_tier")
+        if isinstance(tier, str):
+            self.served_tier = tier
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage_body = obj
+            if self.strip_usage and obj.get("choices") == []:
+                return b""
+        elif self.strip_usage and "usage" in obj:
+            return _drop_null_usage(event.raw)
+        return event.raw
+
+    def _take_responses(self, event: Event) -> bytes:
+        obj = _json(event.data)
+        if obj is None:
+            return event.raw
+        kind = event.event or obj.get("type")
+        sequence = obj.get("sequence_number")
+        if isinstance(sequence, int):
+            self.last_sequence = sequence
+        if kind == "error":
+            self.error = obj
+        response = obj.get("response")
+        if isinstance(response, dict):
+            tier = response.get("service_tier")
+            if isinstance(tier, str):
+                self.served_tier = tier
+            if kind in TERMINAL_RESPONSE_EVENTS:
+                self.finished = True
+                self.usage_body = response
+                if kind == "response.failed" and isinstance(response.get("error"), dict):
+                    self.error = response["error"]
+        return event.raw
+
+    def error_event(self, message: str, code: str) -> bytes:
+        """An in-band error the SDKs raise on, for a stream the upstream cut short."""
+        error = {"message": message, "type": "upstream_error", "param": None, "code": code}
+        if self.kind == "chat":
+            return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+        payload = {"type": "error", "sequence_number": self.last_sequence + 1, **error}
+        return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _json(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _drop_null_usage(raw: bytes) -> bytes:
+    """Remove the `"usage":null` member that include_usage adds to every chunk, when it appears once."""
+    matches = _NULL_USAGE.findall(raw)
+    return _NULL_USAGE.sub(b"", raw, count=1) if len(matches) == 1 else raw

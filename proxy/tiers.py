@@ -1,0 +1,63 @@
+"""Decide which tier a model request goes out on, and why. Pure: no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .errors import ClientError
+
+FLEX = "flex"
+
+
+@dataclass(frozen=True)
+class TierDecision:
+    tier: str | None  # the service_tier sent upstream (None: the body carries none)
+    managed: bool  # True when the proxy chose flex itself and may change the tier again (fallback, rejection)
+    reason: str  # injected | forced | client | header_off | not_eligible | background | override | no_model
+
+    @property
+    def on_flex(self) -> bool:
+        return self.tier == FLEX
+
+
+def header_mode(value: str | None) -> str | None:
+    """X-Flex-Tier: `off` disables injection, `flex` forces it; anything else is a client error."""
+    if value is None:
+        return None
+    mode = value.strip().lower()
+    if mode not in ("off", "flex"):
+        raise ClientError("X-Flex-Tier must be 'off' or 'flex'.", param="X-Flex-Tier", code="invalid_header")
+    return mode
+
+
+def is_flex_model(model: Any, patterns: tuple[str, ...]) -> bool:
+    return isinstance(model, str) and any(fnmatchcase(model, p) for p in patterns)
+
+
+def decide(
+    *,
+    model: Any,
+    client_tier: Any,
+    background: bool,
+    header: str | None,
+    patterns: tuple[str, ...],
+    override_client_tier: bool,
+    inject_background: bool,
+) -> TierDecision:
+    """The tier to send and whether the proxy owns it; a client's own tier wins unless overridden."""
+    sent = client_tier if isinstance(client_tier, str) else None
+    if header == "off":
+        return TierDecision(sent, False, "header_off")
+    if header == "flex":
+        return TierDecision(FLEX, True, "forced")
+    if sent is not None and not override_client_tier:
+        return TierDecision(sent, False, "client")
+    if not isinstance(model, str):
+        return TierDecision(sent, False, "no_model")
+    if not is_flex_model(model, patterns):
+        return TierDecision(sent, False, "not_eligible")
+    if background and not inject_background:
+        return TierDecision(sent, False, "background")
+    return TierDecision(FLEX, True, "override" if sent is not None else "injected")
