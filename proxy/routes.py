@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import random
 import time
@@ -27,6 +28,7 @@ from .rewrite import DROP, Body, parse
 from .streaming import SSEDecoder, StreamState
 from .upstream import Upstream, UpstreamResponse, request_headers, response_headers
 
+LOG = logging.getLogger("flex_proxy")
 MODEL_ENDPOINTS = {"/chat/completions": "chat", "/responses": "responses", "/responses/compact": "compact"}
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -108,6 +110,11 @@ class ProxyApp:
             if not guard.fired or (current is not None and current.cancelling()):
                 raise
             record.outcome = "client_disconnected"
+        except Exception:
+            # A bug of ours: the client still gets an OpenAI-shaped answer, and the proxy keeps serving.
+            LOG.exception("unexpected error while serving %s %s", record.method, record.path)
+            record.outcome = "proxy_error"
+            await self._error(responder, record, FlexProxyError("The proxy failed to handle this request."))
         finally:
             guard.disarm()
             metrics.in_flight.labels(record.endpoint).dec()

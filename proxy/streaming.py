@@ -129,7 +129,7 @@ class StreamState:
         error = {"message": message, "type": "upstream_error", "param": None, "code": code}
         if self.kind == "chat":
             return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
-        payload = {"type": "error", "sequence_number": self.last_sequence + 1, **error}
+        payload = {**error, "type": "error", "sequence_number": self.last_sequence + 1}
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
 
 

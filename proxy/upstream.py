@@ -23,6 +23,15 @@ _HOP = frozenset({
     "trailer", "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "cookie",
     "expect",
 })  # fmt: skip
+_CHUNK = 1 << 20  # aiohttp would rather not send bodies over 1 MiB in one write
+
+
+async def _pieces(body: bytes) -> AsyncIterator[bytes]:
+    view = memoryview(body)
+    for start in range(0, len(body), _CHUNK):
+        yield bytes(view[start : start + _CHUNK])
+
+
 _RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "date", "server",
@@ -131,12 +140,17 @@ class Upstream:
         """One attempt: `path` is what follows /v1 (with its query string). The read timeout is per chunk."""
         assert self._session is not None, "Upstream.start() was not awaited"
         read_timeout = self._timeout_s if timeout_s is None else max(0.001, min(timeout_s, self._timeout_s))
+        data: bytes | AsyncIterable[bytes] | None = body
+        if isinstance(body, bytes) and len(body) > _CHUNK:
+            headers = headers.copy()
+            headers["content-length"] = str(len(body))
+            data = _pieces(body)
         try:
             response = await self._session.request(
                 method,
                 URL(self.base_url + path, encoded=True),  # the client's own escaping, unchanged
                 headers=headers,
-                data=body,
+                data=data,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=self._connect_timeout_s, sock_read=read_timeout

@@ -1,0 +1,111 @@
+"""What the simulated upstream does: run-wide options, one scripted reply, and the flex capacity model."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from dataclasses import dataclass
+
+REPLY_KINDS = frozenset(
+    {
+        "ok",
+        "flex_429",
+        "rate_limit_429",
+        "quota_429",
+        "tier_400",
+        "server_error",
+        "hang",
+        "drop",
+        "cut_stream",
+        "stream_error",
+        "slow",
+    }
+)
+
+# A hang that nobody ends still has to end: an hour outlives every test and benchmark.
+HANG_DEFAULT_S = 3600.0
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """Behaviour of unscripted requests; replace the whole object at run time with `dataclasses.replace`."""
+
+    flex_busy_share: float = 0.0
+    burst_s: float = 5.0
+    busy_reject_share: float = 1.0
+    rate_limit_share: float = 0.0
+    rate_limit_retry_ms: int = 200
+    error_share: float = 0.0
+    latency_standard_s: float = 0.0
+    latency_flex_s: float = 0.0
+    stream_events: int = 8
+    event_interval_s: float = 0.0
+    cached_share: float = 0.0
+    completion_tokens: int = 20
+    reasoning_tokens: int = 0
+    flex_models: tuple[str, ...] = ("o3*", "o4-mini*", "gpt-5*")
+    known_models: tuple[str, ...] = ("o3*", "o4-mini*", "gpt-5*", "gpt-4*", "text-embedding-*")
+    api_key: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        shares = ("flex_busy_share", "busy_reject_share", "rate_limit_share", "error_share", "cached_share")
+        for name in shares:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        if self.burst_s <= 0:
+            raise ValueError(f"burst_s must be positive, got {self.burst_s}")
+        for name in ("rate_limit_retry_ms", "latency_standard_s", "latency_flex_s", "stream_events",
+                     "event_interval_s", "completion_tokens", "reasoning_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer for the next model request; `kind` says what happens (see REPLY_KINDS)."""
+
+    kind: str = "ok"
+    status: int | None = None
+    retry_after_ms: int | None = None
+    retry_after_s: float | None = None
+    delay_s: float = 0.0
+    served_tier: str | None = None
+    usage: dict[str, int] | None = None
+    events: int | None = None
+    event_interval_s: float | None = None
+    body: bytes | None = None
+    headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in REPLY_KINDS:
+            raise ValueError(f"unknown reply kind {self.kind!r}; expected one of {sorted(REPLY_KINDS)}")
+        if self.delay_s < 0:
+            raise ValueError(f"delay_s must not be negative, got {self.delay_s}")
+        unknown = set(self.usage or {}) - {"input", "cached", "output", "reasoning"}
+        if unknown:
+            raise ValueError(f"unknown usage keys {sorted(unknown)}")
+
+
+def window_busy(seed: int, window: int, busy_share: float) -> bool:
+    """Whether flex is busy in capacity window `window`; a pure function of (seed, window)."""
+    if busy_share <= 0.0:
+        return False
+    # A hash rather than a shared RNG, so the answer does not depend on how many requests came before.
+    digest = hashlib.blake2b(f"{seed}:{window}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < busy_share
+
+
+def matches(model: str, patterns: tuple[str, ...]) -> bool:
+    """Whether `model` matches one of the fnmatch `patterns` (case-sensitive, as OpenAI model ids are)."""
+    return any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
+
+
+def served_tier(requested: str | None) -> str:
+    """The tier OpenAI reports for a requested one: priority for fast/priority, flex for flex."""
+    if requested == "flex":
+        return "flex"
+    if requested in ("priority", "fast"):
+        return "priority"
+    return "default"
