@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from . import errors, payloads
-from .http import admit, drop, json_response
+from .http import admit, drop, dump, json_response
 from .options import HANG_DEFAULT_S, Reply, SimOptions, served_tier
 from .simulator import RecordedRequest, Simulator, validate
 
@@ -69,7 +69,8 @@ class ModelEndpoints:
         reply: Reply,
         options: SimOptions,
     ) -> web.StreamResponse:
-        kind, model = reply.kind, recorded.model or "gpt-sim"
+        """Answer as `reply` says: hang, drop, raw body, error, in-band stream error, else success."""
+        kind = reply.kind
         if kind == "hang":
             await asyncio.sleep(reply.delay_s or HANG_DEFAULT_S)
             return drop(request)
@@ -80,7 +81,7 @@ class ModelEndpoints:
             return web.Response(status=reply.status or 200, body=reply.body, headers=headers)
         if kind == "drop":
             return drop(request)
-        failure = _failure(kind, reply, model, options)
+        failure = _failure(kind, reply, recorded.model or "gpt-sim", options)
         if failure is not None:
             status, body = failure
             if kind == "rate_limit_429":
@@ -88,35 +89,48 @@ class ModelEndpoints:
                 headers.setdefault("retry-after-ms", str(options.rate_limit_retry_ms))
             return json_response(status, body, headers)
         if kind == "stream_error":
-            return await _stream(request, reply, headers, _stream_error(endpoint), None)
+            return await _stream(request, reply, headers, _stream_error(endpoint), 0.0)
+        return await self._succeed(request, endpoint, recorded, reply, options, headers)
 
+    async def _succeed(
+        self,
+        request: web.Request,
+        endpoint: str,
+        recorded: RecordedRequest,
+        reply: Reply,
+        options: SimOptions,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """A successful answer after the tier's latency; cut_stream sends only its first part."""
+        model = recorded.model or "gpt-sim"
         tier = reply.served_tier or served_tier(recorded.tier)
         usage = payloads.Usage.estimate(len(recorded.body), options, reply.usage)
         await asyncio.sleep(options.latency_flex_s if tier == "flex" else options.latency_standard_s)
-        if kind != "cut_stream":
-            recorded.served_tier = tier
-            self.sim.count(f"served_{tier}")
         count = options.stream_events if reply.events is None else reply.events
         cut_after = None
-        if kind == "cut_stream":
+        if reply.kind == "cut_stream":
             # Here `events` counts the deltas sent before the cut; there is always more text left to send.
             cut_after = options.stream_events // 2 if reply.events is None else reply.events
             count = max(options.stream_events, cut_after + 1)
+        else:
+            recorded.served_tier = tier
+            self.sim.count(f"served_{tier}")
         pieces = payloads.text_pieces(count)
+        interval = options.event_interval_s if reply.event_interval_s is None else reply.event_interval_s
 
         if endpoint == COMPACT:
             compacted = payloads.compacted_response(model, tier, usage)
             return await _body(request, reply, headers, compacted, cut_after)
         if endpoint == CHAT and recorded.stream:
             chunks = payloads.chat_chunks(model, tier, pieces, usage, _include_usage(recorded.json))
-            return await _stream(request, reply, headers, chunks, _cut(CHAT, cut_after), options)
+            return await _stream(request, reply, headers, chunks, interval, _cut(CHAT, cut_after))
         if endpoint == CHAT:
             completion = payloads.chat_completion(model, tier, "".join(pieces), usage)
             return await _body(request, reply, headers, completion, cut_after)
         if recorded.stream:
             events = self._storing(payloads.response_events(model, recorded.tier, tier, pieces, usage))
             encoded = payloads.numbered(events)
-            return await _stream(request, reply, headers, encoded, _cut(RESPONSES, cut_after), options)
+            return await _stream(request, reply, headers, encoded, interval, _cut(RESPONSES, cut_after))
         item = payloads.message_item(payloads.new_id("msg_"), "".join(pieces), "completed")
         response = payloads.response_object(payloads.new_id("resp_"), model, tier, [item], usage)
         self.sim.store_response(response)
@@ -181,12 +195,10 @@ async def _body(
     request: web.Request, reply: Reply, headers: dict[str, str], data: dict[str, Any], cut_after: int | None
 ) -> web.StreamResponse:
     """A JSON answer; for cut_stream, the full content-length is announced but half the body is sent."""
-    response = json_response(reply.status or 200, data, headers)
     if cut_after is None:
-        return response
-    assert isinstance(response.body, bytes)
-    body = response.body
-    partial = web.StreamResponse(status=response.status, headers=response.headers)
+        return json_response(reply.status or 200, data, headers)
+    body = dump(data)
+    partial = web.StreamResponse(status=reply.status or 200, headers={"content-type": "application/json", **headers})
     partial.content_length = len(body)
     await partial.prepare(request)
     await partial.write(body[: len(body) // 2])
@@ -198,13 +210,10 @@ async def _stream(
     reply: Reply,
     headers: dict[str, str],
     events: Iterator[bytes],
-    cut_after: int | None,
-    options: SimOptions | None = None,
+    interval: float,
+    cut_after: int | None = None,
 ) -> web.StreamResponse:
-    """Send SSE events one by one; with `cut_after`, close the connection after that many events."""
-    interval = reply.event_interval_s
-    if interval is None:
-        interval = options.event_interval_s if options else 0.0
+    """Send SSE events `interval` apart; with `cut_after`, close the connection after that many events."""
     response = web.StreamResponse(status=reply.status or 200, headers={**_SSE_HEADERS, **headers})
     await response.prepare(request)
     try:

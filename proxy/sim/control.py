@@ -93,4 +93,3 @@ def _reply(item: Any) -> Reply:
 
 def _bad(message: str) -> web.Response:
     return json_response(400, errors.envelope(message, "invalid_request_error"))
-

@@ -52,9 +52,7 @@ def server_error(status: int) -> dict[str, Any]:
     """A 5xx; 503 uses the documented overload code."""
     if status == 503:
         return envelope("The server is overloaded or not ready yet.", "server_error", "server_is_overloaded")
-    return envelope(
-        "The server had an error while processing your request. Sorry about that!", "server_error"
-    )
+    return envelope("The server had an error while processing your request. Sorry about that!", "server_error")
 
 
 def invalid_json() -> dict[str, Any]:

@@ -29,9 +29,15 @@ async def admit(sim: Simulator, request: web.Request) -> RecordedRequest | web.R
     return recorded
 
 
+def dump(data: Any) -> bytes:
+    """Compact JSON, as OpenAI sends it."""
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
 def json_response(status: int, data: Any, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps(data, separators=(",", ":")).encode()
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    """A JSON answer; `headers` (lower-case names) may override even the content type."""
+    merged = {"content-type": "application/json", **(headers or {})}
+    return web.Response(status=status, body=dump(data), headers=merged)
 
 
 def drop(request: web.Request) -> web.Response:

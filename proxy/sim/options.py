@@ -56,8 +56,8 @@ class SimOptions:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
         if self.burst_s <= 0:
             raise ValueError(f"burst_s must be positive, got {self.burst_s}")
-        for name in ("rate_limit_retry_ms", "latency_standard_s", "latency_flex_s", "stream_events",
-                     "event_interval_s", "completion_tokens", "reasoning_tokens"):
+        counts = ("rate_limit_retry_ms", "latency_standard_s", "latency_flex_s", "stream_events")
+        for name in (*counts, "event_interval_s", "completion_tokens", "reasoning_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
 

@@ -23,7 +23,7 @@ CATALOG = (
     "o3", "o3-2025-04-16", "o4-mini", "o4-mini-2025-04-16", "gpt-5", "gpt-5-mini", "gpt-5-nano",
     "gpt-5.4", "gpt-5.4-mini", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "text-embedding-3-small",
     "text-embedding-3-large",
-)
+)  # fmt: skip
 _EMBEDDING_DIMENSIONS = 16
 
 
@@ -109,8 +109,10 @@ class PassThroughEndpoints:
             return admitted
         fields = _multipart(admitted.headers.get("content-type", ""), admitted.body)
         if fields is None or "file" not in fields:
-            return json_response(400, errors.envelope("Expected a multipart body with a 'file' part.",
-                                                      "invalid_request_error", param="file"))
+            return json_response(
+                400,
+                errors.envelope("Expected a multipart body with a 'file' part.", "invalid_request_error", param="file"),
+            )
         filename, content = fields["file"]
         meta = {
             "id": new_id("file-"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from .options import SimOptions
 
-_WORDS = ("This", "is", "a", "simulated", "reply", "from", "the", "flex", "upstream", "simulator.")
+_WORDS = ("This", "is", "a", "simulated", "reply", "from", "the", "upstream.")
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,7 @@ def chat_completion(model: str, tier: str, text: str, usage: Usage) -> dict[str,
     }
 
 
-def chat_chunks(
-    model: str, tier: str, pieces: list[str], usage: Usage, include_usage: bool
-) -> Iterator[bytes]:
+def chat_chunks(model: str, tier: str, pieces: list[str], usage: Usage, include_usage: bool) -> Iterator[bytes]:
     """The SSE events of a chat stream: role, one delta a piece, finish, usage if asked, then [DONE]."""
     base: dict[str, Any] = {
         "id": new_id("chatcmpl-"),
