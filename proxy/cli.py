@@ -52,6 +52,17 @@ def load_settings(argv: list[str]) -> Settings:
         raise SystemExit(f"flex-proxy: invalid setting {name}{message}") from None
 
 
+def _raise_open_file_limit() -> None:
+    """Each held request costs two sockets; many runtimes start processes with a soft limit of 1,024."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
@@ -60,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(argv[1:])
     settings = load_settings(argv)
     configure(settings.log_level, settings.log_format)
+    _raise_open_file_limit()
     from .app import create_app
 
     config = uvicorn.Config(

@@ -29,6 +29,7 @@ class ProxyServer:
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.clients: list[openai.OpenAI] = []
 
     def start(self) -> ProxyServer:
         self.thread.start()
@@ -41,6 +42,8 @@ class ProxyServer:
         return self
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         self.server.should_exit = True
         self.thread.join(10)
 
@@ -55,7 +58,9 @@ class ProxyServer:
     def client(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("api_key", "sk-client")
         kwargs.setdefault("max_retries", 0)
-        return openai.OpenAI(base_url=self.base_url, **kwargs)
+        client = openai.OpenAI(base_url=self.base_url, **kwargs)
+        self.clients.append(client)  # closed at stop, so no socket outlives its test
+        return client
 
     def async_client(self, **kwargs: Any) -> openai.AsyncOpenAI:
         kwargs.setdefault("api_key", "sk-client")

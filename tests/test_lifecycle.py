@@ -1,0 +1,132 @@
+"""Concurrency, client disconnects and SIGTERM: the proxy under load and under stop, on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+from conftest import ProxyServer
+
+from proxy.sim import Reply, SimServer, Simulator
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_400_concurrent_slow_requests_all_succeed(proxy: ProxyServer, sim: Simulator) -> None:
+    sim.options = replace(sim.options, latency_flex_s=3.0)
+    client = proxy.async_client(timeout=60)
+    start = time.monotonic()
+    answers = await asyncio.gather(
+        *(client.chat.completions.create(model="o3", messages=MESSAGES) for _ in range(400))  # type: ignore[arg-type]
+    )
+    elapsed = time.monotonic() - start
+    await client.close()
+    assert all(a.service_tier == "flex" for a in answers)
+    assert len({a.id for a in answers}) == 400
+    # Held together, not queued behind a small pool: 400 × 3 s would take 20 minutes one by one.
+    assert elapsed < 30, elapsed
+    assert proxy.metric("flexproxy_requests_total", outcome="ok") == 400
+
+
+def give_up_after(proxy: ProxyServer, seconds: float) -> None:
+    """A client that hangs up without saying its deadline (the SDK would send x-stainless-read-timeout)."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            proxy.base_url + "/chat/completions",
+            json={"model": "o3", "messages": MESSAGES},
+            headers={"authorization": "Bearer k"},
+            timeout=seconds,
+        )
+
+
+def test_client_disconnect_stops_the_upstream_wait(proxy: ProxyServer, sim: Simulator) -> None:
+    sim.script(Reply(kind="hang", delay_s=30))
+    give_up_after(proxy, 1)
+    assert wait_until(lambda: proxy.metric("flexproxy_requests_total", outcome="client_disconnected") == 1)
+    assert proxy.metric("flexproxy_requests_in_flight") == 0
+    assert len(sim.requests) == 1
+
+
+def test_client_disconnect_during_backoff_stops_the_retries(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(backoff_initial_s=3, backoff_max_s=3, standard_reserve_s=0)
+    sim.script(Reply(kind="flex_429", retry_after_s=3), Reply(kind="flex_429"), Reply(kind="flex_429"))
+    give_up_after(proxy, 1)
+    assert wait_until(lambda: proxy.metric("flexproxy_requests_total", outcome="client_disconnected") == 1)
+    time.sleep(3.5)  # past the back-off: had the work gone on, the next attempt would have arrived by now
+    assert len(sim.requests) == 1
+
+
+def test_client_disconnect_mid_stream_closes_it(proxy: ProxyServer, sim: Simulator) -> None:
+    sim.script(Reply(kind="ok", events=50, event_interval_s=0.2))
+    stream = proxy.client().chat.completions.create(model="o3", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    next(iter(stream))
+    stream.close()
+    assert wait_until(lambda: proxy.metric("flexproxy_requests_total", outcome="client_disconnected") == 1)
+    assert proxy.metric("flexproxy_requests_in_flight") == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_lets_in_flight_requests_finish(sim_server: SimServer, sim: Simulator, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")}
+    env |= {"FLEX_PROXY_UPSTREAM_BASE_URL": sim_server.base_url, "FLEX_PROXY_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "--shutdown-grace-s", "10"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _healthy(url)), "proxy did not start"
+        sim.script(Reply(kind="slow", delay_s=2.0))
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            with openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as client:
+                result["answer"] = client.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        assert wait_until(lambda: len(sim.requests) == 1)
+        process.send_signal(signal.SIGTERM)
+        thread.join(15)
+        assert result["answer"].service_tier == "flex"  # type: ignore[attr-defined]
+        # uvicorn re-raises the SIGTERM it caught once drained, so the exit status is the usual 143 (-15 here).
+        assert process.wait(15) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/healthz")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+    assert "Traceback" not in output
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,97 @@
+"""Cost, savings and the metrics behind them, read from /metrics after real requests through the SDK."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+from conftest import ProxyServer
+
+from proxy.sim import Reply, Simulator
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+# o3: standard $2.00 input / $0.50 cached / $8.00 output per 1M tokens; flex is half (shared/reference §4).
+USAGE = {"input": 1_000_000, "cached": 200_000, "output": 500_000, "reasoning": 100_000}
+STANDARD_COST = 0.8 * 2.00 + 0.2 * 0.50 + 0.5 * 8.00  # $5.70
+FLEX_COST = STANDARD_COST / 2  # $2.85
+
+
+def ask(proxy: ProxyServer, endpoint: str, stream: bool, model: str = "o3") -> None:
+    client = proxy.client()
+    if endpoint == "chat":
+        result = client.chat.completions.create(model=model, messages=MESSAGES, stream=stream)  # type: ignore[call-overload]
+    else:
+        result = client.responses.create(model=model, input="hi", stream=stream)
+    if stream:
+        list(result)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_savings_are_exact_for_flex_answers(proxy: ProxyServer, sim: Simulator, endpoint: str, stream: bool) -> None:
+    sim.script(Reply(usage=USAGE))
+    ask(proxy, endpoint, stream)
+    assert proxy.metric("flexproxy_cost_saved_usd_total", model="o3") == pytest.approx(STANDARD_COST - FLEX_COST)
+    assert proxy.metric("flexproxy_cost_usd_total", model="o3", tier="flex") == pytest.approx(FLEX_COST)
+    assert proxy.metric("flexproxy_tokens_total", model="o3", tier="flex", kind="input") == 1_000_000
+    assert proxy.metric("flexproxy_tokens_total", model="o3", tier="flex", kind="cached_input") == 200_000
+    assert proxy.metric("flexproxy_tokens_total", model="o3", tier="flex", kind="output") == 500_000
+    assert proxy.metric("flexproxy_tokens_total", model="o3", tier="flex", kind="reasoning") == 100_000
+    endpoint_label = "chat" if endpoint == "chat" else "responses"
+    assert proxy.metric("flexproxy_requests_total", endpoint=endpoint_label, served_tier="flex", outcome="ok") == 1
+    assert proxy.metric("flexproxy_requests_in_flight") == 0
+
+
+def test_a_fallback_counts_the_savings_lost_and_429s_cost_nothing(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(max_flex_attempts=2)
+    sim.script(Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(usage=USAGE))
+    ask(proxy, "chat", stream=False)
+    assert proxy.metric("flexproxy_cost_usd_total", model="o3", tier="default") == pytest.approx(STANDARD_COST)
+    assert proxy.metric("flexproxy_cost_usd_total", tier="flex") == 0
+    assert proxy.metric("flexproxy_savings_lost_usd_total", model="o3") == pytest.approx(STANDARD_COST - FLEX_COST)
+    assert proxy.metric("flexproxy_cost_saved_usd_total") == 0
+    assert proxy.metric("flexproxy_fallbacks_total", endpoint="chat", model="o3") == 1
+    assert proxy.metric("flexproxy_upstream_attempts_total", tier="flex", status_class="429") == 2
+    assert proxy.metric("flexproxy_upstream_attempts_total", tier="auto", status_class="2xx") == 1
+    assert proxy.metric("flexproxy_requests_total", requested_tier="flex", served_tier="default") == 1
+
+
+def test_dated_snapshot_is_priced_as_its_family(proxy: ProxyServer, sim: Simulator) -> None:
+    sim.script(Reply(usage=USAGE))
+    ask(proxy, "chat", stream=False, model="o3-2025-04-16")
+    assert proxy.metric("flexproxy_cost_saved_usd_total", model="o3") == pytest.approx(STANDARD_COST - FLEX_COST)
+
+
+def test_unpriced_model_is_counted_in_tokens_and_flagged(proxy: ProxyServer, sim: Simulator) -> None:
+    sim.script(Reply(usage=USAGE))
+    ask(proxy, "chat", stream=False, model="gpt-4.1")
+    assert proxy.metric("flexproxy_tokens_total", model="gpt-4.1", tier="default", kind="input") == 1_000_000
+    assert proxy.metric("flexproxy_unpriced_responses_total", model="gpt-4.1") == 1
+    assert proxy.metric("flexproxy_cost_usd_total") == 0
+
+
+def test_metrics_carry_no_keys_or_paths(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(api_key="sk-proxy-secret")
+    httpx.get(proxy.base_url + "/files/file-abc123", headers={"authorization": "Bearer sk-client-secret"})
+    ask(proxy, "chat", stream=False)
+    text = proxy.metrics()
+    assert "secret" not in text and "file-abc123" not in text
+    assert proxy.metric("flexproxy_requests_total", endpoint="other") == 1
+
+
+def test_one_json_log_line_per_request(make_proxy, sim: Simulator, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(log_format="json", api_key="sk-proxy-secret")
+    sim.script(Reply(kind="flex_429"), Reply(usage=USAGE))
+    with caplog.at_level(logging.INFO, logger="flex_proxy"):
+        proxy.client(api_key="sk-client-secret").chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "flex_proxy.access"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["endpoint"] == "chat" and line["model"] == "o3"
+    assert (line["requested_tier"], line["served_tier"], line["attempts"], line["outcome"]) == ("flex", "flex", 2, "ok")
+    assert (line["input_tokens"], line["cached_tokens"], line["output_tokens"]) == (1_000_000, 200_000, 500_000)
+    assert line["cost_usd"] == pytest.approx(FLEX_COST) and line["saved_usd"] == pytest.approx(FLEX_COST)
+    assert line["upstream_request_id"].startswith("req_")
+    assert "secret" not in caplog.text
