@@ -40,7 +40,7 @@ def is_loopback(host: str) -> bool:
 class Settings(BaseSettings):
     """Everything the operator can set; see the README's settings table for what each one means."""
 
-    model_config = SettingsConfigDict(env_prefix="FLEX_PROXY_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="FLEX_PROXY_", frozen=True, extra="forbid", allow_inf_nan=False)
 
     upstream_base_url: str = "https://api.openai.com/v1"
     host: str = "127.0.0.1"
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(900.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     max_connections: int = Field(10_000, ge=1)
-    max_body_mb: float = Field(64.0, gt=0)
+    max_body_mb: float = Field(64.0, gt=0, le=4096)
     flex_models: Annotated[tuple[str, ...], NoDecode] = DEFAULT_FLEX_MODELS
     api_key: SecretStr | None = None
     client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()

@@ -70,7 +70,7 @@ def classify_stream_error(error: Mapping[str, Any], *, on_flex: bool) -> Outcome
     """An error that arrives as the first event of a 200 stream, sorted as if it had its own status."""
     code = str(error.get("code") or "")
     type_ = str(error.get("type") or "")
-    if "resource_unavailable" in (code, type_) or code in RATE_LIMIT_CODES or code in BILLING_CODES:
+    if "resource_unavailable" in (code, type_) or code in RATE_LIMIT_CODES | BILLING_CODES or type_ == "insufficient_quota":
         return classify(429, error, on_flex=on_flex)
     if code in ("server_is_overloaded", "server_error") or type_ in ("server_error", "service_unavailable_error"):
         return Outcome.SERVER_ERROR
@@ -91,7 +91,10 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
             parsed = email.utils.parsedate_tz(value)
             if parsed is None:
                 continue
-            seconds = email.utils.mktime_tz(parsed) - (time.time() if now is None else now)
+            try:
+                seconds = email.utils.mktime_tz(parsed) - (time.time() if now is None else now)
+            except (ValueError, OverflowError):  # a date no clock can hold
+                continue
         if math.isfinite(seconds):
             return max(0.0, seconds)
     return None

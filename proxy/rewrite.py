@@ -45,28 +45,41 @@ class Body:
     def render(self, changes: dict[str, Any]) -> bytes:
         """The body with each key in `changes` set to its value, or removed when the value is DROP."""
         edits: list[tuple[int, int, str]] = []  # (start, end, replacement) in text offsets
+        dropped = [m.key in changes and changes[m.key] is _DROP for m in self.order]
+        edits.extend(self._removals(dropped))
         prefix: list[str] = []
         for key, value in changes.items():
-            present = [m for m in self.order if m.key == key]
             if value is _DROP:
-                edits.extend(self._removal(m) for m in present)
-            elif present:
-                encoded = _dumps(value)
-                edits.extend((m.value_start, m.value_end, encoded) for m in present)
+                continue
+            present = [m for m in self.order if m.key == key]
+            if present:
+                edits.extend((m.value_start, m.value_end, _dumps(value)) for m in present)
             else:
                 prefix.append(f"{_dumps(key)}:{_dumps(value)}")
         if prefix:
-            joiner = "," if self.order else ""
+            joiner = "," if not all(dropped) else ""
             edits.append((self.open_brace + 1, self.open_brace + 1, ",".join(prefix) + joiner))
         return self._apply(edits)
 
-    def _removal(self, member: Member) -> tuple[int, int, str]:
-        index = self.order.index(member)
-        if index + 1 < len(self.order):
-            return member.key_start, self.order[index + 1].key_start, ""
-        if index > 0:
-            return self.order[index - 1].value_end, member.value_end, ""
-        return member.key_start, member.value_end, ""
+    def _removals(self, dropped: list[bool]) -> list[tuple[int, int, str]]:
+        """Cut each run of dropped members together with the one comma that separated it from the rest."""
+        order, cuts = self.order, []
+        i = 0
+        while i < len(order):
+            if not dropped[i]:
+                i += 1
+                continue
+            j = i
+            while j + 1 < len(order) and dropped[j + 1]:
+                j += 1
+            if j + 1 < len(order):
+                cuts.append((order[i].key_start, order[j + 1].key_start, ""))
+            elif i > 0:
+                cuts.append((order[i - 1].value_end, order[j].value_end, ""))
+            else:
+                cuts.append((order[i].key_start, order[j].value_end, ""))
+            i = j + 1
+        return cuts
 
     def _apply(self, edits: list[tuple[int, int, str]]) -> bytes:
         if not edits:

@@ -25,23 +25,27 @@ class SSEDecoder:
     """Feed network chunks in, get whole events out; an event split across chunks waits for its end."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._scanned = 0  # bytes already searched for a boundary, so a big event costs linear time
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk
+        buffer = self._buffer
+        buffer += chunk
         events: list[Event] = []
         start = 0
-        for match in _BOUNDARY.finditer(buffer):
-            block = buffer[start : match.start()]
-            raw = buffer[start : match.end()]
+        # A boundary is at most 4 bytes long: it may straddle the old end of the buffer by 3.
+        for match in _BOUNDARY.finditer(buffer, max(0, self._scanned - 3)):
+            raw = bytes(buffer[start : match.end()])
+            events.append(_parse_block(raw[: match.start() - start], raw))
             start = match.end()
-            events.append(_parse_block(block, raw))
-        self._buffer = buffer[start:]
+        if start:
+            del buffer[:start]
+        self._scanned = len(buffer)
         return events
 
     @property
     def pending(self) -> bytes:
-        return self._buffer
+        return bytes(self._buffer)
 
 
 def _parse_block(block: bytes, raw: bytes) -> Event:

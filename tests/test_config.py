@@ -114,7 +114,7 @@ def test_prices_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path:
         ({"FLEX_PROXY_MAX_FLEX_ATTEMPTS": "0"}, "max_flex_attempts", "greater than or equal to 1"),
         ({"FLEX_PROXY_MAX_RETRIES": "21"}, "max_retries", "less than or equal to 20"),
         ({"FLEX_PROXY_BACKOFF_INITIAL_S": "0"}, "backoff_initial_s", "greater than 0"),
-        ({"FLEX_PROXY_UPSTREAM_TIMEOUT_S": "nan"}, "upstream_timeout_s", "greater than 0"),
+        ({"FLEX_PROXY_UPSTREAM_TIMEOUT_S": "nan"}, "upstream_timeout_s", "finite number"),
         ({"FLEX_PROXY_OVERRIDE_CLIENT_TIER": "maybe"}, "override_client_tier", "valid boolean"),
         ({"FLEX_PROXY_LOG_LEVEL": "trace"}, "log_level", "'debug', 'info', 'warning' or 'error'"),
         ({"FLEX_PROXY_UPSTREAM_BASE_URL": "api.openai.com/v1"}, "upstream_base_url", "http:// or https://"),
