@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import uvicorn
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         http="httptools",
         lifespan="on",
         backlog=4096,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         server_header=False,
         date_header=False,
     )

@@ -70,7 +70,8 @@ def classify_stream_error(error: Mapping[str, Any], *, on_flex: bool) -> Outcome
     """An error that arrives as the first event of a 200 stream, sorted as if it had its own status."""
     code = str(error.get("code") or "")
     type_ = str(error.get("type") or "")
-    if "resource_unavailable" in (code, type_) or code in RATE_LIMIT_CODES | BILLING_CODES or type_ == "insufficient_quota":
+    looks_like_429 = code in RATE_LIMIT_CODES | BILLING_CODES or type_ == "insufficient_quota"
+    if looks_like_429 or "resource_unavailable" in (code, type_):
         return classify(429, error, on_flex=on_flex)
     if code in ("server_is_overloaded", "server_error") or type_ in ("server_error", "service_unavailable_error"):
         return Outcome.SERVER_ERROR

@@ -392,7 +392,7 @@ class ProxyApp:
             rec.status = response.status
             rec.request_id = response.headers.get("x-request-id")
             rec.outcome = "ok" if response.status < 400 else "upstream_error"
-            await out.start(response.status, response_headers(response.headers) + [(b"x-flex-attempts", b"1")])
+            await out.start(response.status, [*response_headers(response.headers), (b"x-flex-attempts", b"1")])
             try:
                 async for chunk in response.chunks():
                     await out.write(chunk)

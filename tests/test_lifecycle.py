@@ -42,7 +42,7 @@ async def test_400_concurrent_slow_requests_all_succeed(proxy: ProxyServer, sim:
     await client.close()
     assert all(a.service_tier == "flex" for a in answers)
     assert len({a.id for a in answers}) == 400
-    # Held together, not queued behind a small pool: 400 × 3 s would take 20 minutes one by one.
+    # Held together, not queued behind a small pool: 400 x 3 s would take 20 minutes one by one.
     assert elapsed < 30, elapsed
     assert proxy.metric("flexproxy_requests_total", outcome="ok") == 400
 

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
 import openai
 import pytest
+from conftest import ProxyServer
 
 from proxy.sim import Reply, Simulator
-
-from conftest import ProxyServer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -36,7 +36,8 @@ def test_chat_is_sent_on_flex_and_says_so(proxy: ProxyServer, sim: Simulator) ->
 
 @pytest.mark.parametrize("path", ["/responses", "/responses/compact"])
 def test_responses_endpoints_are_sent_on_flex(proxy: ProxyServer, sim: Simulator, path: str) -> None:
-    response = httpx.post(proxy.base_url + path, json={"model": "o3", "input": "hi"}, headers={"authorization": "Bearer k"})
+    body = {"model": "o3", "input": "hi"}
+    response = httpx.post(proxy.base_url + path, json=body, headers={"authorization": "Bearer k"})
     assert response.status_code == 200
     assert sim.requests[-1].path == "/v1" + path
     assert sim.requests[-1].tier == "flex"
@@ -189,10 +190,8 @@ def test_fail_strategy_returns_the_429_as_it_came(make_proxy, sim: Simulator) ->
 @pytest.mark.parametrize(("header", "tiers"), [("fail", ["flex"]), ("standard", ["flex", "auto"])])
 def test_strategy_per_request_header(proxy: ProxyServer, sim: Simulator, header: str, tiers: list[str]) -> None:
     sim.script(Reply(kind="flex_429"))
-    try:
+    with contextlib.suppress(openai.RateLimitError):
         chat(proxy.client(default_headers={"X-Flex-On-Unavailable": header}))
-    except openai.RateLimitError:
-        pass
     assert [r.tier for r in sim.requests] == tiers
 
 
