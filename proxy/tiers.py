@@ -14,7 +14,7 @@ FLEX = "flex"
 @dataclass(frozen=True)
 class TierDecision:
     tier: str | None  # the service_tier sent upstream (None: the body carries none)
-    managed: bool  # True when the proxy chose flex itself and may change the tier again (fallback, rejection)
+    managed: bool  # the proxy chose this tier, so it may drop it if upstream rejects it (fallback applies to any flex)
     reason: str  # injected | forced | client | header_off | not_eligible | background | override | no_model
 
     @property
