@@ -36,7 +36,8 @@ def test_every_setting_is_in_the_table_with_its_default() -> None:
         if isinstance(default, bool):
             assert row.group(1).strip() == f"`{str(default).lower()}`"
         elif isinstance(default, int | float | str):
-            assert row.group(1).strip().strip("`") in (str(default), f"{default:g}" if not isinstance(default, str) else "")
+            shown = row.group(1).strip().strip("`")
+            assert shown == str(default) or (not isinstance(default, str) and shown == f"{default:g}")
 
 
 def _port() -> int:
@@ -61,8 +62,8 @@ def test_quick_start_without_a_key(tmp_path: Path) -> None:
     sim_port, proxy_port = _port(), _port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEX_PROXY_", "OPENAI_"))}
     simulator = subprocess.Popen(
-        [BIN / "flex-proxy", "simulate", "--port", str(sim_port), "--burst-s", "0.5", "--latency-flex", "0.1"], env=env, cwd=tmp_path,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [BIN / "flex-proxy", "simulate", "--port", str(sim_port), "--burst-s", "0.5", "--latency-flex", "0.1"],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     proxy_env = env | {"FLEX_PROXY_UPSTREAM_BASE_URL": f"http://127.0.0.1:{sim_port}/v1"}
     proxy = subprocess.Popen(
