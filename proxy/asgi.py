@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .errors import BodyTooLarge
+from .errors import BodyTooLarge, FlexProxyError
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -95,9 +95,10 @@ class DisconnectGuard:
 class Responder:
     """Sends one HTTP response and remembers whether it has started (after which no status can change)."""
 
-    def __init__(self, send: Send, guard: DisconnectGuard) -> None:
+    def __init__(self, send: Send, guard: DisconnectGuard, on_finish: Callable[[], None]) -> None:
         self._send = send
         self._guard = guard
+        self._on_finish = on_finish  # runs just before the last byte, so a client that has its answer sees it counted
         self.started = False
         self.status = 0
 
@@ -112,7 +113,14 @@ class Responder:
 
     async def finish(self, data: bytes = b"") -> None:
         self._guard.disarm()
+        self._on_finish()
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def error(self, exc: FlexProxyError, headers: list[tuple[bytes, bytes]]) -> None:
+        """The proxy's own OpenAI-shaped error, marked final for the SDK; nothing if the response has begun."""
+        if not self.started:
+            base = [(b"content-type", b"application/json"), (b"x-should-retry", b"false")]
+            await self.whole(exc.status, base + headers, exc.body())
 
     async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         headers = [*headers, (b"content-length", str(len(body)).encode())]

@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .routes import Record
+    from .accounting import Record
 
 LOGGER = "flex_proxy"
 

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .config import STRATEGIES, Settings
+from .errors import ClientError
+
 BILLING_CODES = frozenset({
     "insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
     "project_spend_limit_exceeded", "organization_usage_limit_exceeded", "billing_hard_limit_reached",
@@ -112,6 +115,45 @@ class Limits:
     deadline: float  # clock time by which the client must have its answer
 
 
+def parse_strategy(value: str | None, default: str) -> str:
+    """The strategy a request asked for with X-Flex-On-Unavailable, else the operator's."""
+    if value is None:
+        return default
+    strategy = value.strip().lower()
+    if strategy not in STRATEGIES:
+        raise ClientError(
+            f"X-Flex-On-Unavailable must be one of {', '.join(STRATEGIES)}.",
+            param="X-Flex-On-Unavailable",
+            code="invalid_header",
+        )
+    return strategy
+
+
+def limits_for(settings: Settings, strategy: str, now: float, client_timeout: str | None) -> Limits:
+    """Retry limits for one request; the client's read timeout (x-stainless-read-timeout) is the hard deadline."""
+    deadline = math.inf
+    if client_timeout is not None:
+        try:
+            seconds = float(client_timeout)
+        except ValueError:
+            seconds = math.nan
+        if math.isfinite(seconds) and seconds > 0:
+            # Answer a little before the client gives up, so it gets our error rather than its own timeout.
+            deadline = now + seconds - min(1.0, seconds * 0.05)
+    flex_deadline = min(now + settings.flex_budget_s, deadline)
+    if strategy == "backoff-then-standard":
+        flex_deadline = min(flex_deadline, deadline - settings.standard_reserve_s)
+    return Limits(
+        strategy=strategy,
+        max_flex_attempts=settings.max_flex_attempts,
+        max_retries=settings.max_retries,
+        backoff_initial_s=settings.backoff_initial_s,
+        backoff_max_s=settings.backoff_max_s,
+        flex_deadline=flex_deadline,
+        deadline=deadline,
+    )
+
+
 @dataclass
 class Progress:
     """How far the request got: counts that the policy reads and the pipeline updates."""
@@ -145,6 +187,11 @@ def backoff_delay(limits: Limits, n: int, rand: float, floor: float | None) -> f
     cap = min(limits.backoff_max_s, limits.backoff_initial_s * 2.0**n)
     delay = rand * cap
     return max(delay, floor) if floor is not None else delay
+
+
+def suggested_wait_s(limits: Limits) -> int:
+    """Whole seconds for the `retry-after` of a 429 the proxy gives up on, when upstream sent none."""
+    return max(1, math.ceil(min(limits.backoff_max_s, limits.backoff_initial_s * 2)))
 
 
 def next_action(

@@ -4,33 +4,33 @@ relay or stream → account. Every other /v1 path is passed through unchanged.""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from multidict import CIMultiDict
 
 from . import policy, tiers
-from .asgi import ClientGone, DisconnectGuard, Receive, Responder, Scope, Send, header, read_body, stream_body
-from .config import STRATEGIES, Settings
-from .errors import ClientError, FlexProxyError, Unauthorized, UpstreamError, UpstreamTimeout, error_body
+from .accounting import Record, account
+from .asgi import ClientGone, DisconnectGuard, Receive, Responder, Scope, Send, header, read_body
+from .auth import authorize
+from .config import Settings
+from .errors import ClientError, FlexProxyError, UpstreamError, UpstreamTimeout
 from .logs import AccessLog
 from .metrics import Metrics, status_class, tier_label
+from .passthrough import passthrough, query
 from .policy import Outcome, Progress, Step
-from .pricing import PriceTable, Usage, price, usage_from
+from .pricing import PriceTable, usage_from
 from .rewrite import DROP, Body, parse
 from .streaming import SSEDecoder, StreamState
 from .upstream import Upstream, UpstreamResponse, request_headers, response_headers
 
 LOG = logging.getLogger("flex_proxy")
 MODEL_ENDPOINTS = {"/chat/completions": "chat", "/responses": "responses", "/responses/compact": "compact"}
-JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 @dataclass
@@ -48,36 +48,13 @@ class Services:
 
 
 @dataclass
-class Record:
-    """What happened to one request, for its metrics and its log line."""
-
-    endpoint: str
-    method: str = "POST"
-    path: str = ""
-    model: str | None = None
-    requested_tier: str | None = None
-    served_tier: str | None = None
-    tier_reason: str | None = None
-    stream: bool = False
-    attempts: int = 0
-    fell_back: bool = False
-    outcome: str = "ok"
-    status: int = 0
-    backoff_s: float = 0.0
-    request_id: str | None = None
-    usage: Usage | None = None
-    cost_usd: float | None = None
-    saved_usd: float | None = None
-
-
-@dataclass
 class OpenStream:
     """A 200 event stream whose first events have been read but not yet sent."""
 
     decoder: SSEDecoder
     state: StreamState
     pending: list[bytes]
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]
 
 
 class ProxyApp:
@@ -91,18 +68,22 @@ class ProxyApp:
         rest = path[3:] if path.startswith("/v1") else path
         endpoint = MODEL_ENDPOINTS.get(rest) if scope["method"] == "POST" else None
         record = Record(endpoint or "other", scope["method"], rest)
+        s = self.s
+        start = s.clock()
+        settled = False
+
+        def settle() -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                s.metrics.in_flight.labels(record.endpoint).dec()
+                account(record, s.clock() - start, s.metrics, s.prices, s.access_log)
+
         guard = DisconnectGuard(receive)
-        responder = Responder(send, guard)
-        metrics = self.s.metrics
-        metrics.in_flight.labels(record.endpoint).inc()
-        start = self.s.clock()
-        work: asyncio.Task[None] | None = None
+        responder = Responder(send, guard, settle)
+        s.metrics.in_flight.labels(record.endpoint).inc()
         try:
-            if endpoint is None:
-                job = self._passthrough(scope, receive, record, responder, guard)
-            else:
-                job = self._model_request(scope, receive, record, responder, guard)
-            work = asyncio.get_running_loop().create_task(job)
+            work = asyncio.get_running_loop().create_task(self._serve(scope, receive, record, responder, guard))
             guard.watch(work)
             await work
         except asyncio.CancelledError:
@@ -114,30 +95,43 @@ class ProxyApp:
             # A bug of ours: the client still gets an OpenAI-shaped answer, and the proxy keeps serving.
             LOG.exception("unexpected error while serving %s %s", record.method, record.path)
             record.outcome = "proxy_error"
-            await self._error(responder, record, FlexProxyError("The proxy failed to handle this request."))
+            record.status = 500
+            await responder.error(FlexProxyError("The proxy failed to handle this request."), record.flex_headers())
         finally:
             guard.disarm()
-            metrics.in_flight.labels(record.endpoint).dec()
-            self._account(record, self.s.clock() - start)
+            settle()
 
-    # -- model requests ---------------------------------------------------------------------------
+    async def _serve(self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard) -> None:
+        try:
+            authorization = authorize(self.s.settings, header(scope, b"authorization"))
+        except ClientError as exc:
+            await _refuse(out, rec, exc)
+            return
+        if rec.endpoint == "other":
+            await passthrough(self.s.upstream, scope, receive, rec, out, guard, authorization)
+        else:
+            await self._model_request(scope, receive, rec, out, guard, authorization)
 
     async def _model_request(
-        self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard
+        self,
+        scope: Scope,
+        receive: Receive,
+        rec: Record,
+        out: Responder,
+        guard: DisconnectGuard,
+        authorization: str | None,
     ) -> None:
         s = self.s.settings
         try:
-            authorization = self._authorize(scope)
             raw = await read_body(receive, s.max_body_bytes, header(scope, b"content-length"))
             body = parse(raw)
             mode = tiers.header_mode(header(scope, b"x-flex-tier"))
-            strategy = _strategy(header(scope, b"x-flex-on-unavailable"), s.on_unavailable)
+            strategy = policy.parse_strategy(header(scope, b"x-flex-on-unavailable"), s.on_unavailable)
         except ClientGone:
             rec.outcome = "client_disconnected"
             return
         except ClientError as exc:
-            rec.outcome = "bad_request"
-            await self._error(out, rec, exc)
+            await _refuse(out, rec, exc)
             return
         guard.arm()
         model = body.get("model")
@@ -165,12 +159,14 @@ class ProxyApp:
                 changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 strip_usage = True
         headers = request_headers(scope["headers"], authorization)
-        path = rec.path + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else "")
+        limits = policy.limits_for(s, strategy, self.s.clock(), header(scope, b"x-stainless-read-timeout"))
         try:
-            await self._attempts(rec, out, body, changes, decision, strategy, headers, path, strip_usage, scope)
+            path = rec.path + query(scope)
+            await self._attempts(rec, out, body, changes, decision, limits, headers, path, strip_usage)
         except UpstreamError as exc:
             rec.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
-            await self._error(out, rec, exc)
+            rec.status = exc.status
+            await out.error(exc, rec.flex_headers())
 
     async def _attempts(
         self,
@@ -179,14 +175,12 @@ class ProxyApp:
         body: Body,
         changes: dict[str, Any],
         decision: tiers.TierDecision,
-        strategy: str,
+        limits: policy.Limits,
         headers: CIMultiDict[str],
         path: str,
         strip_usage: bool,
-        scope: Scope,
     ) -> None:
         s, m, clock = self.s.settings, self.s.metrics, self.s.clock
-        limits = self._limits(strategy, scope, clock())
         progress = Progress()
         on_flex = decision.on_flex
         model_label = m.model_label(rec.model)
@@ -310,16 +304,15 @@ class ProxyApp:
                 rec.outcome = outcome.value if outcome is not Outcome.OK else "upstream_error"
                 extra = [(b"x-should-retry", b"false")]
                 if response.status == 429 and "retry-after" not in response.headers:
-                    wait = min(limits.backoff_max_s, limits.backoff_initial_s * 2)
-                    extra.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
-                await out.whole(response.status, headers + extra + self._flex_headers(rec), data)
+                    extra.append((b"retry-after", str(policy.suggested_wait_s(limits)).encode()))
+                await out.whole(response.status, headers + extra + rec.flex_headers(), data)
                 return
             answer = _json_object(data)
             if answer is not None:
                 tier = answer.get("service_tier")
                 rec.served_tier = tier if isinstance(tier, str) else None
                 rec.usage = usage_from(answer)
-            await out.whole(response.status, headers + self._flex_headers(rec), data)
+            await out.whole(response.status, headers + rec.flex_headers(), data)
         finally:
             response.close()
 
@@ -334,7 +327,7 @@ class ProxyApp:
         """Send the stream on event by event; a cut upstream ends it with an error event, never silently."""
         state = stream.state
         rec.served_tier = state.served_tier
-        await out.start(response.status, headers + self._flex_headers(rec))
+        await out.start(response.status, headers + rec.flex_headers())
         try:
             await out.write(b"".join(stream.pending))
             if not state.finished:
@@ -356,141 +349,16 @@ class ProxyApp:
                 rec.usage = usage_from(state.usage_body)
         await out.finish()
 
-    # -- pass-through -------------------------------------------------------------------------------
 
-    async def _passthrough(
-        self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard
-    ) -> None:
-        try:
-            authorization = self._authorize(scope)
-        except ClientError as exc:
-            rec.outcome = "bad_request"
-            await self._error(out, rec, exc)
-            return
-        headers = request_headers(scope["headers"], authorization)
-        length = header(scope, b"content-length")
-        chunked = (header(scope, b"transfer-encoding") or "").lower() == "chunked"
-        body = None
-        if (length is not None and length != "0") or chunked:
-            body = stream_body(receive, guard.arm)
-            if length is not None:
-                headers["content-length"] = length
-        else:
-            guard.arm()
-        path = rec.path + (("?" + scope["query_string"].decode("latin-1")) if scope["query_string"] else "")
-        rec.attempts = 1
-        try:
-            response = await self.s.upstream.send(scope["method"], path, headers, body)
-        except UpstreamError as exc:
-            rec.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
-            await self._error(out, rec, exc)
-            return
-        except ClientGone:
-            rec.outcome = "client_disconnected"
-            return
-        try:
-            rec.status = response.status
-            rec.request_id = response.headers.get("x-request-id")
-            rec.outcome = "ok" if response.status < 400 else "upstream_error"
-            await out.start(response.status, [*response_headers(response.headers), (b"x-flex-attempts", b"1")])
-            try:
-                async for chunk in response.chunks():
-                    await out.write(chunk)
-            except UpstreamError:
-                rec.outcome = "stream_cut"  # the status is sent: all that is left is to end the body early
-            await out.finish()
-        finally:
-            response.close()
-
-    # -- helpers ------------------------------------------------------------------------------------
-
-    def _authorize(self, scope: Scope) -> str | None:
-        """The Authorization to send upstream; with client keys set, only their holders get the proxy's key."""
-        s = self.s.settings
-        given = header(scope, b"authorization")
-        if s.client_keys:
-            token = given[7:].strip() if given and given[:7].lower() == "bearer " else ""
-            if not any(hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in s.client_keys):
-                raise Unauthorized("This proxy needs one of its client keys as the API key (Authorization: Bearer).")
-            assert s.api_key is not None
-            return "Bearer " + s.api_key.get_secret_value()
-        if given:
-            return given
-        return "Bearer " + s.api_key.get_secret_value() if s.api_key else None
-
-    def _limits(self, strategy: str, scope: Scope, now: float) -> policy.Limits:
-        """Retry limits; the client's own read timeout (x-stainless-read-timeout) is the hard deadline."""
-        s = self.s.settings
-        deadline = math.inf
-        client_timeout = header(scope, b"x-stainless-read-timeout")
-        if client_timeout is not None:
-            try:
-                seconds = float(client_timeout)
-            except ValueError:
-                seconds = math.nan
-            if math.isfinite(seconds) and seconds > 0:
-                deadline = now + seconds - min(1.0, seconds * 0.05)
-        flex_deadline = min(now + s.flex_budget_s, deadline)
-        if strategy == "backoff-then-standard":
-            flex_deadline = min(flex_deadline, deadline - s.standard_reserve_s)
-        return policy.Limits(
-            strategy=strategy,
-            max_flex_attempts=s.max_flex_attempts,
-            max_retries=s.max_retries,
-            backoff_initial_s=s.backoff_initial_s,
-            backoff_max_s=s.backoff_max_s,
-            flex_deadline=flex_deadline,
-            deadline=deadline,
-        )
-
-    def _flex_headers(self, rec: Record) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"x-flex-attempts", str(rec.attempts).encode()),
-            (b"x-flex-requested-tier", (rec.requested_tier or "none").encode()),
-            (b"x-flex-served-tier", (rec.served_tier or "none").encode()),
-        ]
-
-    async def _error(self, out: Responder, rec: Record, exc: FlexProxyError) -> None:
-        rec.status = exc.status
-        if out.started:
-            return
-        headers = [*JSON_HEADERS, (b"x-should-retry", b"false"), *self._flex_headers(rec)]
-        await out.whole(exc.status, headers, exc.body())
-
-    def _account(self, rec: Record, duration: float) -> None:
-        m = self.s.metrics
-        model = m.model_label(rec.model)
-        served = tier_label(rec.served_tier)
-        m.requests.labels(rec.endpoint, model, tier_label(rec.requested_tier), served, rec.outcome).inc()
-        m.duration.labels(rec.endpoint, rec.outcome).observe(duration)
-        if rec.usage is not None and rec.model is not None:
-            model_price = self.s.prices.resolve(rec.model)
-            costing = None
-            if model_price is not None:
-                costing = price(model_price, rec.usage, rec.served_tier, sent_flex=rec.requested_tier == "flex")
-            m.account(model, served, rec.usage, costing)
-            if costing is not None:
-                rec.cost_usd = float(costing.cost_usd)
-                rec.saved_usd = float(costing.saved_usd)
-        self.s.access_log.write(rec, duration)
-
-
-def _strategy(value: str | None, default: str) -> str:
-    if value is None:
-        return default
-    strategy = value.strip().lower()
-    if strategy not in STRATEGIES:
-        raise ClientError(
-            f"X-Flex-On-Unavailable must be one of {', '.join(STRATEGIES)}.",
-            param="X-Flex-On-Unavailable",
-            code="invalid_header",
-        )
-    return strategy
+async def _refuse(out: Responder, rec: Record, exc: ClientError) -> None:
+    rec.outcome = "bad_request"
+    rec.status = exc.status
+    await out.error(exc, rec.flex_headers())
 
 
 async def _discard(response: UpstreamResponse | None, stream: OpenStream | None) -> None:
     if stream is not None:
-        await stream.chunks.aclose()  # type: ignore[attr-defined]
+        await stream.chunks.aclose()
     if response is not None:
         response.close()
 
@@ -519,4 +387,3 @@ def _error_object(data: bytes) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else None
 
 
-__all__ = ["JSON_HEADERS", "ProxyApp", "Services", "error_body"]

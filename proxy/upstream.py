@@ -8,7 +8,7 @@ large and cheap. Everything aiohttp-specific stays here so the choice can change
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -74,7 +74,7 @@ class UpstreamResponse:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _translate(exc) from exc
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Body bytes as they arrive; errors mid-body surface as our UpstreamError types."""
         try:
             async for chunk in self._response.content.iter_any():
