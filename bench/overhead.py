@@ -1,0 +1,91 @@
+"""Scenario 1, overhead: the small chat POST through wrk against nginx canned (direct), nginx as a plain
+reverse proxy in front of it, and flex-proxy in front of it; at 1 and at 32 connections."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from . import nginx, procs, wrk
+from .plan import SMALL_CHAT_BODY, Plan
+from .stats import ratio
+
+PATH = "/v1/chat/completions"
+TARGETS = ("direct", "nginx", "flex-proxy")
+
+
+def check_proxy_injects(port: int) -> dict[str, str]:
+    """One request through the proxy, to be sure the figures are of flex-injected requests answered 200."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{PATH}", data=SMALL_CHAT_BODY.encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        json.loads(answer.read())
+        headers = {k.lower(): v for k, v in answer.headers.items() if k.lower().startswith("x-flex-")}
+        if answer.status != 200 or headers.get("x-flex-requested-tier") != "flex":
+            raise RuntimeError(f"flex-proxy did not inject flex: {answer.status} {headers}")
+        return headers
+
+
+def run(plan: Plan, work: Path, log_dir: Path) -> dict[str, Any]:
+    script = wrk.write_script(work / "chat.lua", SMALL_CHAT_BODY)
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in TARGETS}
+    with nginx.canned(log_dir) as canned:
+        relay = nginx.relay(log_dir, canned.port)
+        proxy = procs.proxy(log_dir, f"http://127.0.0.1:{canned.port}/v1")
+        with procs.running(relay, proxy):
+            headers = check_proxy_injects(proxy.port)
+            services = {"direct": canned, "nginx": relay, "flex-proxy": proxy}
+            for round_ in range(plan.wrk_rounds):  # interleaved, so drift on a shared machine hits all alike
+                for name, service in services.items():
+                    url = f"http://127.0.0.1:{service.port}{PATH}"
+                    if round_ == 0:
+                        wrk.run(url, script, threads=2, connections=32, duration_s=plan.wrk_warmup_s)
+                    for threads, connections in plan.wrk_connections:
+                        rounds[name].setdefault(f"c{connections}", []).append(
+                            _measure(url, script, service.pid, threads, connections, plan.wrk_duration_s)
+                        )
+    results = {name: {level: _mean(runs) for level, runs in levels.items()} for name, levels in rounds.items()}
+    return {"targets": results, "compare": _compare(results), "proxy_headers": headers, "rounds": rounds,
+            "body": SMALL_CHAT_BODY, "canned_answer_bytes": len(nginx.canned_answer_text())}  # fmt: skip
+
+
+def _measure(url: str, script: Path, pid: int, threads: int, connections: int, duration_s: float) -> dict[str, Any]:
+    cpu_before = procs.tree_cpu_s(pid)
+    figures = wrk.run(url, script, threads=threads, connections=connections, duration_s=duration_s).as_dict()
+    cpu = procs.tree_cpu_s(pid) - cpu_before
+    figures["server_cpu_s"] = cpu
+    figures["server_cpu_us_per_request"] = cpu / max(1, figures["requests"]) * 1e6
+    return figures
+
+
+def _mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's mean over the rounds, plus the spread of requests/s."""
+    out = {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+    out["rps_min"] = min(run["requests_per_s"] for run in runs)
+    out["rps_max"] = max(run["requests_per_s"] for run in runs)
+    out["rounds"] = len(runs)
+    return out
+
+
+def _compare(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each target against direct: throughput ratio and added p50/p99, per connection count."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in TARGETS[1:]:
+        out[name] = {}
+        for level, figures in results[name].items():
+            direct = results["direct"][level]
+            out[name][level] = {
+                "rps_ratio_vs_direct": ratio(figures["requests_per_s"], direct["requests_per_s"]),
+                "added_p50_ms": figures["p50_ms"] - direct["p50_ms"],
+                "added_p99_ms": figures["p99_ms"] - direct["p99_ms"],
+            }
+        if name == "flex-proxy":
+            for level, figures in results[name].items():
+                out[name][level]["rps_ratio_vs_nginx"] = ratio(
+                    figures["requests_per_s"], results["nginx"][level]["requests_per_s"]
+                )
+    return out

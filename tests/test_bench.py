@@ -1,0 +1,152 @@
+"""The benchmark harness: its parsers, and one quick run of every scenario end to end (needs nginx and wrk)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import nginx, report, scarce, wrk
+from bench.bodies import chat_body
+from bench.stats import percentile
+
+REPO = Path(__file__).resolve().parent.parent
+
+WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8080/v1/chat/completions
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     9.81ms    4.10ms  52.30ms   85.12%
+    Req/Sec     1.65k   120.00     1.90k    70.00%
+  Latency Distribution
+     50%  905.00us
+     75%   10.50ms
+     90%   14.20ms
+     99%    1.02s
+  32838 requests in 10.01s, 25.12MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   3280.55
+Transfer/sec:      2.51MB
+"""
+
+
+def test_wrk_report_is_read_with_its_units() -> None:
+    result = wrk.parse(WRK_OUTPUT)
+    assert result.requests_per_s == 3280.55
+    assert result.requests == 32838
+    assert result.p50_ms == pytest.approx(0.905)
+    assert result.p75_ms == pytest.approx(10.5)
+    assert result.p99_ms == pytest.approx(1020.0)
+    assert (result.non_2xx, result.socket_errors) == (4, 3)
+
+
+def test_incomplete_wrk_report_is_an_error() -> None:
+    with pytest.raises(ValueError, match="wrk --latency"):
+        wrk.parse("Running 1s test @ http://127.0.0.1:1/\nRequests/sec: 10.0\n")
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [([], 50, math.nan), ([3.0], 99, 3.0), ([1.0, 2.0, 3.0, 4.0], 50, 2.5), ([4.0, 1.0, 3.0, 2.0], 100, 4.0)],
+)
+def test_percentile(values: list[float], q: float, expected: float) -> None:
+    got = percentile(values, q)
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
+def test_chat_body_has_the_exact_size_and_is_json() -> None:
+    body = chat_body(1_000_000)
+    assert len(body) == 1_000_000
+    assert json.loads(body)["model"] == "o3"
+
+
+def test_o3_cost_prices_cached_and_output_tokens() -> None:
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 400}}
+    assert scarce.cost(usage, scarce.STANDARD_RATES) == pytest.approx((600 * 2 + 400 * 0.5 + 100 * 8) / 1e6)
+    assert scarce.cost(usage, scarce.FLEX_RATES) == pytest.approx(scarce.cost(usage, scarce.STANDARD_RATES) / 2)
+
+
+def test_seed_starts_free_then_busy_with_the_asked_share() -> None:
+    seed, pattern = scarce.choose_seed(0.3)
+    assert (pattern[0], pattern[1], sum(pattern)) == (False, True, 3)
+    assert scarce.choose_seed(0.3) == (seed, pattern)
+
+
+def test_canned_answer_needs_no_nginx_escaping() -> None:
+    assert json.loads(nginx.canned_answer_text())["object"] == "chat.completion"
+
+
+def _numbers(value: Any, path: str = "") -> list[tuple[str, float]]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [(path, float(value))]
+    if isinstance(value, dict):
+        return [item for key, inner in value.items() for item in _numbers(inner, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [item for i, inner in enumerate(value) for item in _numbers(inner, f"{path}[{i}]")]
+    return []
+
+
+@pytest.mark.timeout(170)
+def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
+    """`python -m bench --quick` end to end: every scenario gives finite figures, in well under 90 s."""
+    nginx.binary(), wrk.binary()  # SystemExit naming the apt packages when missing: a failure, never a skip
+    docs = tmp_path / "benchmarks.md"
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--results", str(tmp_path), "--docs", str(docs)],
+        cwd=REPO, capture_output=True, text=True, timeout=160, check=False,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+    assert elapsed < 90, f"the quick run took {elapsed:.0f} s"
+    results = json.loads((tmp_path / "latest-quick.json").read_text())
+
+    for scenario in ("overhead", "held", "bodies", "streams", "scarce"):
+        numbers = _numbers(results[scenario])
+        assert numbers, scenario
+        bad = [path for path, value in numbers if not math.isfinite(value)]
+        assert not bad, f"{scenario}: not finite at {bad}"
+
+    overhead = results["overhead"]["targets"]
+    for target in ("direct", "nginx", "flex-proxy"):
+        for level in ("c1", "c32"):
+            figures = overhead[target][level]
+            assert figures["requests_per_s"] > 0 and figures["p50_ms"] > 0, (target, level)
+            assert figures["non_2xx"] == 0 and figures["socket_errors"] == 0, (target, level)
+    assert results["overhead"]["proxy_headers"]["x-flex-requested-tier"] == "flex"
+
+    held = results["held"]
+    assert held["reached"] == held["target_requests"] == 1000
+    assert held["result"]["proxy_peak_in_flight"] == 1000
+    assert held["result"]["proxy_peak_rss_mb"] > held["result"]["proxy_rss_idle_mb"] > 0
+
+    for size in ("1MB", "10MB"):
+        assert results["bodies"]["sizes"][size]["flex-proxy"]["p50_ms"] > 0
+
+    streams = results["streams"]
+    assert streams["events_per_stream"] >= 200
+    assert streams["flex-proxy"]["ttfe_p50_ms"] > 0
+
+    strategies = results["scarce"]["strategies"]
+    assert set(strategies) == set(scarce.STRATEGIES)
+    both = strategies["backoff-then-standard"]
+    assert both["failures"] == 0 and both["answered"] == both["requests"] == 200
+    for name, figures in strategies.items():
+        assert figures["requests"] == 200, name
+        assert 0 < figures["cost_usd"] <= figures["all_standard_usd"], name
+        assert figures["proxy_metrics"]["flexproxy_cost_usd_total"] == pytest.approx(figures["cost_usd"]), name
+
+    assert [row["target"] for row in results["verdicts"]] == [row["target"] for row in report.verdicts(results)]
+    assert len(results["verdicts"]) == 5
+    text = docs.read_text()
+    for heading in ("## Machine", "## Targets", "## 1. Overhead", "## 2. Held", "## 3. Large", "## 4. Streams",
+                    "## 5. Scarce", "## Raising the open-files limit"):  # fmt: skip
+        assert heading in text, heading
