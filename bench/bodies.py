@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from . import nginx, procs
-from .plan import Plan
+from .plan import CHAT_HEADERS, Plan
 from .stats import mean, percentile
 
 PATH = "/body/v1/chat/completions"
 _FILLER = b"The quick brown fox jumps over the lazy dog, again and again. "
-HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer x"}
 
 
 def chat_body(size: int) -> bytes:
@@ -28,7 +27,7 @@ def chat_body(size: int) -> bytes:
 def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[float, int, str]:
     """Seconds from the first byte sent to the last byte of the answer read, with status and served tier."""
     start = time.perf_counter()
-    conn.request("POST", path, body=body, headers=HEADERS)
+    conn.request("POST", path, body=body, headers=CHAT_HEADERS)
     answer = conn.getresponse()
     answer.read()
     return time.perf_counter() - start, answer.status, answer.getheader("x-flex-requested-tier") or "none"

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 
 from .nofile import raise_nofile
-from .plan import SMALL_CHAT_BODY
+from .plan import CHAT_HEADERS, SMALL_CHAT_BODY
 from .stats import percentile
 
 BATCH_EVERY_S = 0.05
@@ -28,9 +28,8 @@ BATCH_EVERY_S = 0.05
 async def _one(session: aiohttp.ClientSession, url: str) -> tuple[str, float, float]:
     """(outcome, started, seconds taken) of one request."""
     start = time.perf_counter()
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
     try:
-        async with session.post(url, data=SMALL_CHAT_BODY, headers=headers) as answer:
+        async with session.post(url, data=SMALL_CHAT_BODY, headers=CHAT_HEADERS) as answer:
             await answer.read()
             served = answer.headers.get("x-flex-served-tier", "none")
             outcome = f"ok:{served}" if answer.status == 200 else f"status:{answer.status}"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import nginx, procs, wrk
-from .plan import SMALL_CHAT_BODY, Plan
+from .plan import CHAT_HEADERS, SMALL_CHAT_BODY, Plan
 from .stats import ratio
 
 PATH = "/v1/chat/completions"
@@ -20,7 +20,7 @@ def check_proxy_injects(port: int) -> dict[str, str]:
     """One request through the proxy, to be sure the figures are of flex-injected requests answered 200."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{PATH}", data=SMALL_CHAT_BODY.encode(),
-        headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
+        headers=CHAT_HEADERS,
     )  # fmt: skip
     with urllib.request.urlopen(request, timeout=10) as answer:
         json.loads(answer.read())

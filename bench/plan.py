@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 SMALL_CHAT_BODY = '{"model":"o3","messages":[{"role":"user","content":"hi"}]}'
+CHAT_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer x"}  # the simulator takes any key
 
 
 @dataclass(frozen=True)

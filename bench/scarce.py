@@ -20,7 +20,7 @@ import aiohttp
 from proxy.sim.options import window_busy
 
 from . import procs
-from .plan import SMALL_CHAT_BODY, Plan
+from .plan import CHAT_HEADERS, SMALL_CHAT_BODY, Plan
 from .stats import percentile
 
 STRATEGIES = ("backoff", "standard", "backoff-then-standard", "fail")
@@ -53,7 +53,7 @@ def cost(usage: dict[str, Any], rates: tuple[float, float, float]) -> float:
 
 
 async def _load(url: str, strategy: str, count: int, concurrency: int) -> tuple[list[dict[str, Any]], float]:
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer x", "X-Flex-On-Unavailable": strategy}
+    headers = {**CHAT_HEADERS, "X-Flex-On-Unavailable": strategy}
     results: list[dict[str, Any]] = []
     issued = 0
 

@@ -20,18 +20,17 @@ from typing import Any
 import aiohttp
 
 from . import procs
-from .plan import Plan
+from .plan import CHAT_HEADERS, Plan
 from .stats import mean, percentile
 
 BODY = '{"model":"o3","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer x"}
 
 
 async def read_stream(session: aiohttp.ClientSession, url: str) -> list[float]:
     """Arrival time of each `data:` line, in seconds from just before the request was sent."""
     start = time.perf_counter()
     arrivals: list[float] = []
-    async with session.post(url, data=BODY, headers=HEADERS) as answer:
+    async with session.post(url, data=BODY, headers=CHAT_HEADERS) as answer:
         if answer.status != 200:
             raise RuntimeError(f"{url} answered {answer.status}: {(await answer.read())[:300]!r}")
         async for line in answer.content:
