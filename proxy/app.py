@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
 from .logs import AccessLog
@@ -28,7 +29,7 @@ def create_app(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
-) -> Starlette:
+) -> FlexProxy:
     """The flex-proxy app; nothing is started until the lifespan runs."""
     settings = settings or Settings()
     disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every counter
@@ -56,13 +57,29 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app = Starlette(
+    admin = Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Mount("/v1", app=ProxyApp(services)),
         ],
         lifespan=lifespan,
     )
-    app.state.services = services
-    return app
+    return FlexProxy(ProxyApp(services), admin, services)
+
+
+class FlexProxy:
+    """The ASGI app: /v1/... goes straight to the proxy pipeline; the rest (health, metrics, lifespan) to Starlette.
+
+    The pipeline catches its own errors, so it skips Starlette's middleware: measured at ~10% of the CPU per request.
+    """
+
+    def __init__(self, proxy: ASGIApp, admin: Starlette, services: Services) -> None:
+        self.proxy = proxy
+        self.admin = admin
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.admin(scope, receive, send)

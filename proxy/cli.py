@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 
@@ -64,6 +65,18 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _tune_gc() -> None:
+    """Freeze start-up objects out of the collector's way and collect the young generation less often.
+
+    Measured with the benchmark: with the defaults, full collections of 33-47 ms ran twice a second at 32
+    connections and made the whole p99; freezing cut that p99 from ~46 ms to ~16 ms. Larger young-generation
+    thresholds than this one saved little CPU and lengthened the tail at one connection.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(2_000, 10, 10)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
@@ -86,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
         backlog=4096,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        proxy_headers=False,  # the client address is not used, so X-Forwarded-* need not be parsed
         server_header=False,
         date_header=False,
     )
+    _tune_gc()
     uvicorn.Server(config).run()
     return 0

@@ -17,6 +17,7 @@ from .errors import ClientError
 _WS = re.compile(r"[ \t\n\r]*")
 _scan_value = json.JSONDecoder().raw_decode
 _DROP = object()
+Parts = tuple[bytes | memoryview, ...]  # a body as consecutive pieces
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Body:
 
     def render(self, changes: dict[str, Any]) -> bytes:
         """The body with each key in `changes` set to its value, or removed when the value is DROP."""
+        return b"".join(self.render_parts(changes))
+
+    def render_parts(self, changes: dict[str, Any]) -> Parts:
+        """`render` as consecutive pieces, mostly views of the original bytes, so a large body is not copied."""
         edits: list[tuple[int, int, str]] = []  # (start, end, replacement) in text offsets
         dropped = [m.key in changes and changes[m.key] is _DROP for m in self.order]
         edits.extend(self._removals(dropped))
@@ -81,20 +86,21 @@ class Body:
             i = j + 1
         return cuts
 
-    def _apply(self, edits: list[tuple[int, int, str]]) -> bytes:
+    def _apply(self, edits: list[tuple[int, int, str]]) -> Parts:
         if not edits:
-            return self.raw
+            return (self.raw,)
         ascii_only = len(self.text) == len(self.raw)
-        out: list[bytes] = []
+        raw = memoryview(self.raw)  # slices of the original are views, not copies
+        out: list[bytes | memoryview] = []
         cursor = 0
         for start, end, replacement in sorted(edits):
             b_start = start if ascii_only else len(self.text[:start].encode())
             b_end = end if ascii_only else b_start + len(self.text[start:end].encode())
-            out.append(self.raw[cursor:b_start])
+            out.append(raw[cursor:b_start])
             out.append(replacement.encode())
             cursor = b_end
-        out.append(self.raw[cursor:])
-        return b"".join(out)
+        out.append(raw[cursor:])
+        return tuple(out)
 
 
 DROP = _DROP

@@ -25,7 +25,7 @@ from .metrics import Metrics, status_class, tier_label
 from .passthrough import passthrough, query
 from .policy import Outcome, Progress, Step
 from .pricing import PriceTable, usage_from
-from .rewrite import DROP, Body, parse
+from .rewrite import DROP, Body, Parts, parse
 from .streaming import SSEDecoder, StreamState
 from .upstream import Upstream, UpstreamResponse, request_headers, response_headers
 
@@ -194,7 +194,7 @@ class ProxyApp:
                 tier = changes.get("service_tier", decision.tier)
                 tier_name = tier_label(None if tier is DROP else tier)
                 response, stream, failure, data, outcome = await self._attempt(
-                    rec, body.render(changes), headers, path, limits, strip_usage, on_flex, tier_name
+                    rec, body.render_parts(changes), headers, path, limits, strip_usage, on_flex, tier_name
                 )
                 status = None if response is None else response.status
                 m.attempts.labels(rec.endpoint, tier_name, status_class(status, _failure_class(failure))).inc()
@@ -239,7 +239,7 @@ class ProxyApp:
     async def _attempt(
         self,
         rec: Record,
-        payload: bytes,
+        payload: Parts,
         headers: CIMultiDict[str],
         path: str,
         limits: policy.Limits,

@@ -16,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from .rewrite import Parts
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes or must not pass on.
 _HOP = frozenset({
@@ -26,10 +27,11 @@ _HOP = frozenset({
 _CHUNK = 1 << 20  # aiohttp would rather not send bodies over 1 MiB in one write
 
 
-async def _pieces(body: bytes) -> AsyncIterator[bytes]:
-    view = memoryview(body)
-    for start in range(0, len(body), _CHUNK):
-        yield bytes(view[start : start + _CHUNK])
+async def _pieces(parts: Parts) -> AsyncIterator[bytes | memoryview]:
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), _CHUNK):
+            yield view[start : start + _CHUNK]
 
 
 _RESPONSE_DROP = frozenset({
@@ -133,18 +135,24 @@ class Upstream:
         method: str,
         path: str,
         headers: CIMultiDict[str],
-        body: bytes | AsyncIterable[bytes] | None,
+        body: bytes | Parts | AsyncIterable[bytes] | None,
         *,
         timeout_s: float | None = None,
     ) -> UpstreamResponse:
         """One attempt: `path` is what follows /v1 (with its query string). The read timeout is per chunk."""
         assert self._session is not None, "Upstream.start() was not awaited"
         read_timeout = self._timeout_s if timeout_s is None else max(0.001, min(timeout_s, self._timeout_s))
-        data: bytes | AsyncIterable[bytes] | None = body
-        if isinstance(body, bytes) and len(body) > _CHUNK:
-            headers = headers.copy()
-            headers["content-length"] = str(len(body))
-            data = _pieces(body)
+        data: bytes | AsyncIterable[bytes | memoryview] | AsyncIterable[bytes] | None = None
+        if isinstance(body, tuple):
+            size = sum(len(part) for part in body)
+            if size > _CHUNK:  # sent as views of the client's bytes, never copied whole again
+                headers = headers.copy()
+                headers["content-length"] = str(size)
+                data = _pieces(body)
+            else:
+                data = b"".join(body)
+        else:
+            data = body
         try:
             response = await self._session.request(
                 method,
