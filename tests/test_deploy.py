@@ -419,7 +419,9 @@ def test_kubernetes_validate_accepts_every_builtin_document(
     rendered: dict[str, tuple[Path, list[dict[str, Any]]]], tmp_path: Path
 ) -> None:
     builtin = [doc for _, docs in rendered.values() for doc in docs if doc["kind"] not in CRD_KINDS]
-    assert {doc["kind"] for doc in builtin} >= {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget"}
+    assert {doc["kind"] for doc in builtin} >= {
+        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceAccount"
+    }  # fmt: skip
     path = tmp_path / "builtin.yaml"
     path.write_text(yaml.safe_dump_all(builtin))
     for version in K8S_VERSIONS:
@@ -546,11 +548,55 @@ def test_standalone_is_a_replicated_service_with_a_disruption_budget(
     (service,) = kinds(docs, "Service")
     (pdb,) = kinds(docs, "PodDisruptionBudget")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["replicas"] == 2
+    assert "replicas" not in deployment["spec"], "the HPA owns the count; `kubectl apply` would reset it"
     assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["port"] == 8080
     assert service["spec"]["selector"].items() <= labels.items()
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] == 1
+
+
+def test_standalone_autoscaler_targets_the_deployment_and_scales_down_slowly(
+    rendered: dict[str, tuple[Path, list[dict[str, Any]]]],
+) -> None:
+    docs = rendered["standalone"][1]
+    (deployment,) = kinds(docs, "Deployment")
+    (hpa,) = kinds(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == (deployment["apiVersion"], deployment["kind"])
+    assert target["name"] == deployment["metadata"]["name"]
+    assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], "one pod alone is a single point of failure"
+    (pdb,) = kinds(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "the PDB must let a node drain evict a pod"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] <= 100
+    pod = deployment["spec"]["template"]["spec"]
+    for container in pod["containers"]:  # utilization is undefined if any container lacks a CPU request
+        assert container["resources"]["requests"]["cpu"], container["name"]
+    # Flex requests are held for minutes, and a removed pod cuts what is still in flight after its drain.
+    scale_down = hpa["spec"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 300
+    for policy in scale_down["policies"]:
+        assert policy["type"] == "Pods" and policy["value"] == 1, policy
+        assert policy["periodSeconds"] >= pod["terminationGracePeriodSeconds"], "two pods draining at a time"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_accounts_are_rendered_and_hold_no_token(
+    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], overlay: str
+) -> None:
+    docs = rendered[overlay][1]
+    accounts = {sa["metadata"]["name"]: sa for sa in kinds(docs, "ServiceAccount")}
+    for account in accounts.values():
+        assert account.get("automountServiceAccountToken") is False, account["metadata"]["name"]
+    for deployment in kinds(docs, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        name = pod.get("serviceAccountName")
+        if overlay == "standalone":
+            assert name and name != "default", "the shared proxy runs under its own ServiceAccount"
+        if name:
+            assert name in accounts, f"{overlay}: serviceAccountName {name} is not rendered in the overlay"
 
 
 @pytest.mark.parametrize("overlay", ["sidecar", "sidecar-native"])
