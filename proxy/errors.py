@@ -56,6 +56,7 @@ class UpstreamError(FlexProxyError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+    outcome = "unreachable"  # the request's outcome label in metrics and logs
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -65,3 +66,4 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+    outcome = "timeout"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .accounting import Record
 from .asgi import ClientGone, DisconnectGuard, Receive, Responder, Scope, header, stream_body
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import UpstreamError
 from .upstream import Upstream, request_headers, response_headers
 
 
@@ -32,7 +32,7 @@ async def passthrough(
     try:
         response = await upstream.send(scope["method"], rec.path + query(scope), headers, body)
     except UpstreamError as exc:
-        rec.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
+        rec.outcome = exc.outcome
         rec.status = exc.status
         await out.error(exc, rec.flex_headers())
         return

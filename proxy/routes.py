@@ -164,7 +164,7 @@ class ProxyApp:
             path = rec.path + query(scope)
             await self._attempts(rec, out, body, changes, decision, limits, headers, path, strip_usage)
         except UpstreamError as exc:
-            rec.outcome = "timeout" if isinstance(exc, UpstreamTimeout) else "unreachable"
+            rec.outcome = exc.outcome
             rec.status = exc.status
             await out.error(exc, rec.flex_headers())
 
