@@ -101,7 +101,7 @@ def test_sigterm_lets_in_flight_requests_finish(sim_server: SimServer, sim: Simu
     try:
         url = f"http://127.0.0.1:{port}"
         assert wait_until(lambda: _healthy(url)), "proxy did not start"
-        sim.script(Reply(kind="slow", delay_s=2.0))
+        sim.script(Reply(kind="slow", delay_s=3.0))
         result: dict[str, object] = {}
 
         def call() -> None:
@@ -112,6 +112,9 @@ def test_sigterm_lets_in_flight_requests_finish(sim_server: SimServer, sim: Simu
         thread.start()
         assert wait_until(lambda: len(sim.requests) == 1)
         process.send_signal(signal.SIGTERM)
+        # While the request is still being answered, the listening socket is already closed.
+        assert wait_until(lambda: not _accepts(port), timeout=2.0)
+        assert thread.is_alive()
         thread.join(15)
         assert result["answer"].service_tier == "flex"  # type: ignore[attr-defined]
         # uvicorn re-raises the SIGTERM it caught once drained, so the exit status is the usual 143 (-15 here).
@@ -123,6 +126,12 @@ def test_sigterm_lets_in_flight_requests_finish(sim_server: SimServer, sim: Simu
             process.kill()
         output = process.communicate()[0]
     assert "Traceback" not in output
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _healthy(url: str) -> bool:
