@@ -52,11 +52,13 @@ def classify(status: int, error: Mapping[str, Any] | None, *, on_flex: bool) -> 
         return Outcome.OK
     code = str((error or {}).get("code") or "")
     type_ = str((error or {}).get("type") or "")
+    message = str((error or {}).get("message") or "")
     if status == 429:
         if code in BILLING_CODES or type_ == "insufficient_quota":
             return Outcome.BILLING
+        if on_flex and _says_flex_capacity(code, type_, message):
+            return Outcome.FLEX_UNAVAILABLE  # an explicit capacity signal wins over a rate-limit code beside it
         if code in RATE_LIMIT_CODES or type_ in RATE_LIMIT_TYPES:
-            message = str((error or {}).get("message") or "")
             return Outcome.TOO_LARGE if message.startswith("Request too large") else Outcome.RATE_LIMITED
         # Flex 429 bodies are undocumented: any other 429 on a flex request is taken as flex capacity.
         return Outcome.FLEX_UNAVAILABLE if on_flex else Outcome.RATE_LIMITED
@@ -69,12 +71,16 @@ def classify(status: int, error: Mapping[str, Any] | None, *, on_flex: bool) -> 
     return Outcome.CLIENT_ERROR
 
 
+def _says_flex_capacity(code: str, type_: str, message: str) -> bool:
+    return "resource_unavailable" in (code, type_) or "resource unavailable" in message.lower()
+
+
 def classify_stream_error(error: Mapping[str, Any], *, on_flex: bool) -> Outcome:
     """An error that arrives as the first event of a 200 stream, sorted as if it had its own status."""
     code = str(error.get("code") or "")
     type_ = str(error.get("type") or "")
     looks_like_429 = code in RATE_LIMIT_CODES | BILLING_CODES or type_ == "insufficient_quota"
-    if looks_like_429 or "resource_unavailable" in (code, type_):
+    if looks_like_429 or _says_flex_capacity(code, type_, str(error.get("message") or "")):
         return classify(429, error, on_flex=on_flex)
     if code in ("server_is_overloaded", "server_error") or type_ in ("server_error", "service_unavailable_error"):
         return Outcome.SERVER_ERROR

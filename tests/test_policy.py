@@ -75,6 +75,18 @@ TPM_MESSAGE = (
             False, Outcome.TOO_LARGE, id="request-too-large-not-flex",
         ),
         pytest.param(
+            429, {"message": "Resource Unavailable", "type": "requests", "code": "rate_limit_exceeded"},
+            True, Outcome.FLEX_UNAVAILABLE, id="capacity-message-beats-rate-limit-code-on-flex",
+        ),
+        pytest.param(
+            429, {"message": "Resource Unavailable", "type": "requests", "code": "rate_limit_exceeded"},
+            False, Outcome.RATE_LIMITED, id="capacity-message-off-flex-is-a-rate-limit",
+        ),
+        pytest.param(
+            429, {"message": "Resource unavailable. Try later.", "type": "insufficient_quota", "code": None},
+            True, Outcome.BILLING, id="billing-beats-capacity-message",
+        ),
+        pytest.param(
             429, {"message": QUOTA_MESSAGE, "type": "insufficient_quota", "code": "insufficient_quota"},
             True, Outcome.BILLING, id="insufficient_quota-code",
         ),
