@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
@@ -31,17 +32,25 @@ class Member:
 
 @dataclass(frozen=True)
 class Body:
-    """A parsed request body: the original bytes plus where each top-level member sits in them."""
+    """A parsed request body: the original bytes, the top-level values, and (when an edit needs them) where
+    each top-level member sits in the text."""
 
     raw: bytes
     text: str
+    values: dict[str, Any]  # a duplicated key keeps its last value, as json.loads does
     open_brace: int
-    members: dict[str, Member]  # a duplicated key keeps its last value, as json.loads does
-    order: tuple[Member, ...]  # every member in text order, duplicates included
 
     def get(self, key: str, default: Any = None) -> Any:
-        member = self.members.get(key)
-        return default if member is None else member.value
+        return self.values.get(key, default)
+
+    @cached_property
+    def order(self) -> tuple[Member, ...]:
+        """Every member in text order, duplicates included: scanned only for an edit of an existing key."""
+        return _members(self.text)
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return {m.key: m for m in self.order}
 
     def render(self, changes: dict[str, Any]) -> bytes:
         """The body with each key in `changes` set to its value, or removed when the value is DROP."""
@@ -50,25 +59,28 @@ class Body:
     def render_parts(self, changes: dict[str, Any]) -> Parts:
         """`render` as consecutive pieces, mostly views of the original bytes, so a large body is not copied."""
         edits: list[tuple[int, int, str]] = []  # (start, end, replacement) in text offsets
-        dropped = [m.key in changes and changes[m.key] is _DROP for m in self.order]
-        edits.extend(self._removals(dropped))
+        # The common edit adds keys the body lacks, at its front: no member needs locating for that.
+        order = self.order if any(key in self.values for key in changes) else ()
+        dropped = [m.key in changes and changes[m.key] is _DROP for m in order]
+        edits.extend(self._removals(order, dropped))
         prefix: list[str] = []
         for key, value in changes.items():
             if value is _DROP:
                 continue
-            present = [m for m in self.order if m.key == key]
+            present = [m for m in order if m.key == key]
             if present:
                 edits.extend((m.value_start, m.value_end, _dumps(value)) for m in present)
             else:
                 prefix.append(f"{_dumps(key)}:{_dumps(value)}")
         if prefix:
-            joiner = "," if not all(dropped) else ""
-            edits.append((self.open_brace + 1, self.open_brace + 1, ",".join(prefix) + joiner))
+            remaining = any(not (key in changes and changes[key] is _DROP) for key in self.values)
+            edits.append((self.open_brace + 1, self.open_brace + 1, ",".join(prefix) + ("," if remaining else "")))
         return self._apply(edits)
 
-    def _removals(self, dropped: list[bool]) -> list[tuple[int, int, str]]:
+    @staticmethod
+    def _removals(order: tuple[Member, ...], dropped: list[bool]) -> list[tuple[int, int, str]]:
         """Cut each run of dropped members together with the one comma that separated it from the rest."""
-        order, cuts = self.order, []
+        cuts = []
         i = 0
         while i < len(order):
             if not dropped[i]:
@@ -117,17 +129,28 @@ def parse(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise ClientError(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        return _parse_object(text, raw)
-    except (ValueError, IndexError) as exc:
-        raise ClientError(f"We could not parse the JSON body of your request: {exc}") from None
+        values = json.loads(text, parse_constant=_no_constant)
+        if not isinstance(values, dict):
+            raise ValueError("the body must be a JSON object")
+    except ValueError as exc:
+        reason = str(exc)
+        try:
+            _members(text)  # json's C parser is fast but terse: the member scan says where the body goes wrong
+        except (ValueError, IndexError) as precise:
+            reason = str(precise)
+        raise ClientError(f"We could not parse the JSON body of your request: {reason}") from None
+    return Body(raw, text, values, len(text) - len(text.lstrip(" \t\n\r")))
 
 
-def _parse_object(text: str, raw: bytes) -> Body:
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _members(text: str) -> tuple[Member, ...]:
+    """The top-level members of a JSON object text with their offsets; ValueError where it is not one."""
     pos = _WS.match(text, 0).end()  # type: ignore[union-attr]
     if text[pos : pos + 1] != "{":
         raise ValueError("the body must be a JSON object")
-    open_brace = pos
-    members: dict[str, Member] = {}
     order: list[Member] = []
     pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
     if text[pos : pos + 1] == "}":
@@ -143,9 +166,7 @@ def _parse_object(text: str, raw: bytes) -> Body:
                 raise ValueError(f"expected ':' at character {pos}")
             value_start = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
             value, pos = _scan_value(text, value_start)
-            member = Member(key, key_start, value_start, pos, value)
-            members[key] = member
-            order.append(member)
+            order.append(Member(key, key_start, value_start, pos, value))
             pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
             separator = text[pos : pos + 1]
             pos = _WS.match(text, pos + 1).end()  # type: ignore[union-attr]
@@ -155,4 +176,4 @@ def _parse_object(text: str, raw: bytes) -> Body:
                 raise ValueError(f"expected ',' or '}}' at character {pos - 1}")
     if _WS.match(text, pos).end() != len(text):  # type: ignore[union-attr]
         raise ValueError(f"extra data after the JSON object at character {pos}")
-    return Body(raw, text, open_brace, members, tuple(order))
+    return tuple(order)

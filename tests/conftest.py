@@ -21,8 +21,8 @@ from proxy.sim import SimOptions, SimServer, Simulator
 class ProxyServer:
     """The proxy app under a real uvicorn server in a thread, on a free loopback port."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
+    def __init__(self, settings: Settings, **seams: Any) -> None:
+        self.app = create_app(settings, **seams)
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on",
             timeout_graceful_shutdown=5,
@@ -102,14 +102,14 @@ def sim(sim_server: SimServer) -> Iterator[Simulator]:
 def make_proxy(sim_server: SimServer) -> Iterator[Callable[..., ProxyServer]]:
     started: list[ProxyServer] = []
 
-    def make(**overrides: Any) -> ProxyServer:
+    def make(*, rand: Callable[[], float] | None = None, **overrides: Any) -> ProxyServer:
         values: dict[str, Any] = {
             "upstream_base_url": sim_server.base_url,
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.05,
         }
         values.update(overrides)
-        server = ProxyServer(Settings(**values)).start()
+        server = ProxyServer(Settings(**values), **({"rand": rand} if rand else {})).start()
         started.append(server)
         return server
 
