@@ -333,6 +333,9 @@ class ProxyApp:
             if not state.finished:
                 async for chunk in stream.chunks:
                     await out.write(b"".join(state.take(event) for event in stream.decoder.feed(chunk)))
+            tail = stream.decoder.flush()
+            if tail is not None:
+                await out.write(state.take(tail))
         except UpstreamError as exc:
             rec.outcome = "stream_cut"
             await out.write(state.error_event(exc.message, exc.code or "upstream_error"))

@@ -47,6 +47,15 @@ class SSEDecoder:
     def pending(self) -> bytes:
         return bytes(self._buffer)
 
+    def flush(self) -> Event | None:
+        """At the end of the stream, what is left as a last event: passed on rather than lost (the SDK reads it)."""
+        if not self._buffer:
+            return None
+        raw = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        return _parse_block(raw.rstrip(b"\r\n"), raw)
+
 
 def _parse_block(block: bytes, raw: bytes) -> Event:
     name: str | None = None

@@ -349,3 +349,24 @@ def test_responses_error_event_is_an_sdk_error_event() -> None:
     error = events[1]
     assert isinstance(error, openai.types.responses.ResponseErrorEvent)
     assert (error.sequence_number, error.code, error.message) == (1, "stream_incomplete", "The upstream stopped.")
+
+
+@pytest.mark.parametrize(
+    ("stream", "finished"),
+    [
+        (b'data: {"choices":[]}\n\ndata: [DONE]\n', True),  # the terminator's blank line never came
+        (b'data: {"choices":[]}\n\ndata: [DONE]', True),
+        (b'data: {"choices":[]}\n\n', False),
+        (b'data: {"choices":[]}\n\n\n', False),
+    ],
+)
+def test_flush_passes_on_an_unterminated_last_event(stream: bytes, finished: bool) -> None:
+    decoder = SSEDecoder()
+    state = StreamState("chat", strip_usage=False)
+    sent = b"".join(state.take(event) for event in decoder.feed(stream))
+    tail = decoder.flush()
+    if tail is not None:
+        sent += state.take(tail)
+    assert sent == stream  # every byte passed on, in order
+    assert state.finished is finished
+    assert decoder.flush() is None
