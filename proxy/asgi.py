@@ -100,11 +100,9 @@ class Responder:
         self._guard = guard
         self._on_finish = on_finish  # runs just before the last byte, so a client that has its answer sees it counted
         self.started = False
-        self.status = 0
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
-        self.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, data: bytes) -> None:

@@ -166,7 +166,6 @@ class Progress:
 
     flex_attempts: int = 0
     retries: int = 0  # retries for rate limits, server errors, timeouts and connection errors
-    fell_back: bool = False
     tier_rejected: bool = False
 
 

@@ -217,7 +217,7 @@ class ProxyApp:
                     changes["service_tier"] = DROP
                     on_flex = False
                 elif action.step is Step.FALLBACK:
-                    progress.fell_back = rec.fell_back = True
+                    rec.fell_back = True
                     m.fallbacks.labels(rec.endpoint, model_label).inc()
                     changes["service_tier"] = DROP if s.standard_tier == "omit" else s.standard_tier
                     on_flex = False
