@@ -4,7 +4,6 @@ relay or stream → account. Every other /v1 path is passed through unchanged.""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -26,7 +25,7 @@ from .passthrough import passthrough, query
 from .policy import Outcome, Progress, Step
 from .pricing import PriceTable, usage_from
 from .rewrite import DROP, Body, Parts, parse
-from .streaming import SSEDecoder, StreamState
+from .streaming import SSEDecoder, StreamState, json_object
 from .upstream import Upstream, UpstreamResponse, request_headers, response_headers
 
 LOG = logging.getLogger("flex_proxy")
@@ -307,7 +306,7 @@ class ProxyApp:
                     extra.append((b"retry-after", str(policy.suggested_wait_s(limits)).encode()))
                 await out.whole(response.status, headers + extra + rec.flex_headers(), data)
                 return
-            answer = _json_object(data)
+            answer = json_object(data)
             if answer is not None:
                 tier = answer.get("service_tier")
                 rec.served_tier = tier if isinstance(tier, str) else None
@@ -376,16 +375,8 @@ def _failure_class(failure: UpstreamError | None) -> str | None:
     return "timeout" if isinstance(failure, UpstreamTimeout) else "connection_error"
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _error_object(data: bytes) -> dict[str, Any] | None:
-    obj = _json_object(data)
+    obj = json_object(data)
     error = obj.get("error") if obj else None
     return error if isinstance(error, dict) else None
 

@@ -97,7 +97,7 @@ class StreamState:
         if event.data.startswith(b"[DONE]"):
             self.finished = True
             return event.raw
-        obj = _json(event.data)
+        obj = json_object(event.data)
         if obj is None:
             return event.raw
         if isinstance(obj.get("error"), dict):
@@ -116,7 +116,7 @@ class StreamState:
         return event.raw
 
     def _take_responses(self, event: Event) -> bytes:
-        obj = _json(event.data)
+        obj = json_object(event.data)
         if obj is None:
             return event.raw
         kind = event.event or obj.get("type")
@@ -146,7 +146,8 @@ class StreamState:
         return b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
 
 
-def _json(data: bytes) -> dict[str, Any] | None:
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` parsed as a JSON object, or None when it is not one."""
     try:
         obj = json.loads(data)
     except ValueError:
