@@ -1,4 +1,4 @@
-"""Price an answer from its `usage` and the tier that served it, and what flex saved. Pure: no I/O."""
+"""Price an answer from its `usage` and the tier that served it, and what flex saved. Pure: no I/O but loading."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ class Rates:
 class ModelPrice:
     family: str
     standard: Rates
-    flex: Rates
+    flex: Rates | None = None  # None: the model has no flex tier, so flex saves nothing on it
+    priority: Rates | None = None  # None: no published priority price, so priority answers stay unpriced
+    source: str | None = None
+    effective: str | None = None  # the date these prices took effect
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Usage:
 class Costing:
     cost_usd: Decimal
     saved_usd: Decimal  # standard price minus flex price, for answers served on flex
-    lost_usd: Decimal  # what flex would have saved, for answers the proxy sent flex but standard served
+    lost_usd: Decimal  # what flex would have saved, for answers the proxy sent flex but another tier served
 
 
 def family_of(model: str) -> str:
@@ -65,6 +68,10 @@ def _rates(data: Mapping[str, Any]) -> Rates:
     )
 
 
+def _optional_rates(data: Mapping[str, Any] | None) -> Rates | None:
+    return None if data is None else _rates(data)
+
+
 class PriceTable:
     """Model family → prices; the packaged table, optionally extended or replaced by an operator's file."""
 
@@ -73,8 +80,16 @@ class PriceTable:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PriceTable:
+        effective = data.get("effective")
         return cls({
-            name: ModelPrice(name, _rates(entry["standard"]), _rates(entry["flex"]))
+            name: ModelPrice(
+                name,
+                _rates(entry["standard"]),
+                _optional_rates(entry.get("flex")),
+                _optional_rates(entry.get("priority")),
+                entry.get("source"),
+                entry.get("effective", effective),
+            )
             for name, entry in data["models"].items()
         })  # fmt: skip
 
@@ -87,6 +102,16 @@ class PriceTable:
             extra = cls.from_json(json.loads(override.read_text(encoding="utf-8")))
             table.models.update(extra.models)
         return table
+
+    @property
+    def families(self) -> frozenset[str]:
+        """Every priced family: the names a model label may take without growing without bound."""
+        return frozenset(self.models)
+
+    @property
+    def flex_families(self) -> frozenset[str]:
+        """The families with a flex price."""
+        return frozenset(name for name, model_price in self.models.items() if model_price.flex is not None)
 
     def resolve(self, model: str) -> ModelPrice | None:
         return self.models.get(model) or self.models.get(family_of(model))
@@ -130,13 +155,41 @@ def cost(rates: Rates, usage: Usage) -> Decimal:
     return total / _MILLION
 
 
-def price(model_price: ModelPrice, usage: Usage, served_tier: str | None, *, sent_flex: bool) -> Costing | None:
-    """Cost at the served tier; None when that tier has no price here (priority, scale, ...)."""
-    standard = cost(model_price.standard, usage)
-    flex = cost(model_price.flex, usage)
-    zero = Decimal(0)
-    if served_tier == "flex":
-        return Costing(flex, standard - flex, zero)
+def tier_rates(model_price: ModelPrice, served_tier: str | None) -> Rates | None:
+    """The rates of the tier a response reports; None when that tier has no price here (scale, ultrafast, ...)."""
     if served_tier is None or served_tier in STANDARD_TIERS:
-        return Costing(standard, zero, standard - flex if sent_flex else zero)
+        return model_price.standard
+    if served_tier == "flex":
+        return model_price.flex
+    if served_tier == "priority":
+        return model_price.priority
     return None
+
+
+def price(model_price: ModelPrice, usage: Usage, served_tier: str | None, *, sent_flex: bool) -> Costing | None:
+    """Cost at the served tier, and what flex saved (served on flex) or lost (sent flex, served on another tier).
+
+    None when the served tier has no price for this model. A model without a flex price saves and loses nothing.
+    """
+    rates = tier_rates(model_price, served_tier)
+    if rates is None:
+        return None
+    spent = cost(rates, usage)
+    zero = Decimal(0)
+    if model_price.flex is None:
+        return Costing(spent, zero, zero)
+    if served_tier == "flex":
+        return Costing(spent, cost(model_price.standard, usage) - spent, zero)
+    return Costing(spent, zero, spent - cost(model_price.flex, usage) if sent_flex else zero)
+
+
+def shadow_savings(model_price: ModelPrice, usage: Usage, served_tier: str | None) -> Decimal:
+    """What flex would have saved on an answer served as it came (shadow mode): its cost at the served tier minus
+    its cost on flex. Zero when the model has no flex price, when flex served it, or when the served tier has no
+    price here (nothing known to compare with)."""
+    if model_price.flex is None or served_tier == "flex":
+        return Decimal(0)
+    rates = tier_rates(model_price, served_tier)
+    if rates is None:
+        return Decimal(0)
+    return cost(rates, usage) - cost(model_price.flex, usage)
