@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import errors, payloads
-from .http import admit, drop, dump, json_response
+from . import errors, payloads, shapes, wire
+from .http import admit, close, dump, json_response
 from .options import HANG_DEFAULT_S, Reply, SimOptions, served_tier
+from .shapes import CHAT, COMPACT, RESPONSES, StreamPlan
 from .simulator import RecordedRequest, Simulator, validate
-
-CHAT, RESPONSES, COMPACT = "chat", "responses", "compact"
-_SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-# Events a stream sends before its first content delta: chat's role chunk; responses' four opening events.
-_PRELUDE = {CHAT: 1, RESPONSES: 4}
 
 
 class ModelEndpoints:
@@ -45,21 +42,27 @@ class ModelEndpoints:
         admitted = await admit(self.sim, request)
         if isinstance(admitted, web.Response):
             return admitted
-        recorded, options = admitted, self.sim.options
-        self.sim.count("model_requests", *(["requested_flex"] if recorded.tier == "flex" else []))
+        recorded, options, sim = admitted, self.sim.options, self.sim
+        sim.count("model_requests", *(["requested_flex"] if recorded.tier == "flex" else []))
         # A scripted reply is the test's explicit word, so it skips validation and the random draws.
-        reply = self.sim.pop_script()
+        reply = sim.pop_script()
         if reply is None:
             refusal = validate(recorded, options)
             if refusal is not None:
                 status, body, outcome = refusal
                 recorded.outcome = outcome
-                self.sim.count(outcome)
-                return json_response(status, body)
-            reply = self.sim.draw_reply(recorded.tier)
+                sim.count(outcome)
+                sim.refuse(recorded)
+                return await wire.guarded(request, sim, recorded, _ready(json_response(status, body)))
+            reply = sim.draw_reply(recorded.tier)
         recorded.outcome = reply.kind
-        self.sim.count(reply.kind)
-        return await self._act(request, endpoint, recorded, reply, options)
+        sim.count(reply.kind)
+        if reply.accepts_work:
+            tier = reply.served_tier or served_tier(recorded.tier)
+            sim.accept(recorded, tier, payloads.Usage.estimate(len(recorded.body), options, reply.usage))
+        else:
+            sim.refuse(recorded)
+        return await wire.guarded(request, sim, recorded, self._act(request, endpoint, recorded, reply, options))
 
     async def _act(
         self,
@@ -69,18 +72,20 @@ class ModelEndpoints:
         reply: Reply,
         options: SimOptions,
     ) -> web.StreamResponse:
-        """Answer as `reply` says: hang, drop, raw body, error, in-band stream error, else success."""
-        kind = reply.kind
-        if kind == "hang":
-            await asyncio.sleep(reply.delay_s or HANG_DEFAULT_S)
-            return drop(request)
-        await asyncio.sleep(reply.delay_s)
+        """Answer as `reply` says: silence and close, raw body, error, in-band stream error, else success."""
+        kind, sim = reply.kind, self.sim
+        if kind in ("hang", "drop", "reset"):
+            delay = reply.delay_s or (HANG_DEFAULT_S if kind == "hang" else 0.0)
+            if delay:
+                await wire.silence(sim, delay)
+            if kind == "hang" or reply.body is None:
+                return close(request, sim, recorded, reset=kind == "reset")
+        elif kind != "stall" and not (kind == "slow_first_token" and recorded.stream):
+            await asyncio.sleep(reply.delay_s)
         headers = _extra_headers(reply)
         if reply.body is not None:
             headers.setdefault("content-type", "application/json")
             return web.Response(status=reply.status or 200, body=reply.body, headers=headers)
-        if kind == "drop":
-            return drop(request)
         failure = _failure(kind, reply, recorded.model or "gpt-sim", options)
         if failure is not None:
             status, body = failure
@@ -88,8 +93,10 @@ class ModelEndpoints:
                 headers = {"x-ratelimit-remaining-requests": "0", **headers}
                 headers.setdefault("retry-after-ms", str(options.rate_limit_retry_ms))
             return json_response(status, body, headers)
-        if kind == "stream_error":
-            return await _stream(request, reply, headers, _stream_error(endpoint), 0.0)
+        if kind in ("stream_error", "prelude_then_error"):
+            events = shapes.in_band_error(endpoint, recorded.model or "gpt-sim", recorded.tier, kind != "stream_error")
+            plan = StreamPlan([shapes.frame(event, reply.separator) for event in events])
+            return await wire.stream(request, sim, recorded, reply.status or 200, headers, plan)
         return await self._succeed(request, endpoint, recorded, reply, options, headers)
 
     async def _succeed(
@@ -101,47 +108,68 @@ class ModelEndpoints:
         options: SimOptions,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        """A successful answer after the tier's latency; cut_stream sends only its first part."""
-        model = recorded.model or "gpt-sim"
+        """A successful answer after the tier's latency, shaped by the reply's kind (see `Reply`)."""
+        model, kind, sim = recorded.model or "gpt-sim", reply.kind, self.sim
         tier = reply.served_tier or served_tier(recorded.tier)
-        usage = payloads.Usage.estimate(len(recorded.body), options, reply.usage)
+        usage = recorded.usage or payloads.Usage.estimate(len(recorded.body), options, reply.usage)
         await asyncio.sleep(options.latency_flex_s if tier == "flex" else options.latency_standard_s)
         count = options.stream_events if reply.events is None else reply.events
-        cut_after = None
-        if reply.kind == "cut_stream":
-            # Here `events` counts the deltas sent before the cut; there is always more text left to send.
-            cut_after = options.stream_events // 2 if reply.events is None else reply.events
-            count = max(options.stream_events, cut_after + 1)
-        else:
+        partial = None
+        if kind in ("cut_stream", "stall"):
+            # Here `events` counts the deltas sent before the cut or stall; there is always more text left.
+            partial = options.stream_events // 2 if reply.events is None else reply.events
+            count = max(options.stream_events, partial + 1)
+        if kind != "cut_stream":
             recorded.served_tier = tier
-            self.sim.count(f"served_{tier}")
+            sim.count(f"served_{tier}")
         pieces = payloads.text_pieces(count)
-        interval = options.event_interval_s if reply.event_interval_s is None else reply.event_interval_s
+        status = reply.status or 200
+        stall_s = (reply.delay_s or HANG_DEFAULT_S) if kind == "stall" else None
 
-        if endpoint == COMPACT:
-            compacted = payloads.compacted_response(model, tier, usage)
-            return await _body(request, reply, headers, compacted, cut_after)
-        if endpoint == CHAT and recorded.stream:
-            chunks = payloads.chat_chunks(model, tier, pieces, usage, _include_usage(recorded.json))
-            return await _stream(request, reply, headers, chunks, interval, _cut(CHAT, cut_after))
+        if not recorded.stream or endpoint == COMPACT:
+            store: Callable[[], None] | None = None
+            if endpoint == COMPACT:
+                data = payloads.compacted_response(model, tier, usage)
+            elif endpoint == CHAT:
+                data = payloads.chat_completion(model, tier, "".join(pieces), usage)
+            else:
+                item = payloads.message_item(payloads.new_id("msg_"), "".join(pieces), "completed")
+                data = payloads.response_object(payloads.new_id("resp_"), model, tier, [item], usage)
+                store = functools.partial(sim.store_response, data)
+            response = wire.json_body(status, headers)
+            cut = kind == "cut_stream"
+            return await wire.body(
+                request, sim, recorded, response, dump(data), cut=cut, stall_s=stall_s, on_usage=store
+            )
+
         if endpoint == CHAT:
-            completion = payloads.chat_completion(model, tier, "".join(pieces), usage)
-            return await _body(request, reply, headers, completion, cut_after)
-        if recorded.stream:
-            events = self._storing(payloads.response_events(model, recorded.tier, tier, pieces, usage))
-            encoded = payloads.numbered(events)
-            return await _stream(request, reply, headers, encoded, interval, _cut(RESPONSES, cut_after))
-        item = payloads.message_item(payloads.new_id("msg_"), "".join(pieces), "completed")
-        response = payloads.response_object(payloads.new_id("resp_"), model, tier, [item], usage)
-        self.sim.store_response(response)
-        return await _body(request, reply, headers, response, cut_after)
+            include_usage = _include_usage(recorded.json)
+            events = list(payloads.chat_chunks(model, tier, pieces, usage, include_usage))
+            usage_event = events[-2] if include_usage else None
+            store = None
+        else:
+            pairs = list(payloads.response_events(model, recorded.tier, tier, pieces, usage))
+            events = list(payloads.numbered(iter(pairs)))
+            usage_event = events[-1]
+            store = functools.partial(sim.store_response, pairs[-1][1]["response"])
+        events, usage_at = shapes.success(endpoint, kind, events, usage_event, count)
+        at = None if partial is None else shapes.PRELUDE[endpoint] + partial
+        plan = StreamPlan(
+            [shapes.frame(event, reply.separator) for event in events],
+            interval_s=options.event_interval_s if reply.event_interval_s is None else reply.event_interval_s,
+            first_delay_s=reply.delay_s if kind == "slow_first_token" else 0.0,
+            cut_after=at if kind == "cut_stream" else None,
+            stall_after=at if kind == "stall" else None,
+            stall_s=stall_s or 0.0,
+            usage_at=usage_at,
+            on_usage=store,
+            close_after=kind == "no_done",
+        )
+        return await wire.stream(request, sim, recorded, status, headers, plan)
 
-    def _storing(self, events: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Pass the events on, keeping the completed response for GET /v1/responses/{id}."""
-        for name, data in events:
-            if name == "response.completed":
-                self.sim.store_response(data["response"])
-            yield name, data
+
+async def _ready(response: web.StreamResponse) -> web.StreamResponse:
+    return response
 
 
 def _failure(kind: str, reply: Reply, model: str, options: SimOptions) -> tuple[int, dict[str, Any]] | None:
@@ -175,56 +203,3 @@ def _extra_headers(reply: Reply) -> dict[str, str]:
 def _include_usage(body: Any) -> bool:
     stream_options = body.get("stream_options") if isinstance(body, dict) else None
     return isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-
-
-def _cut(endpoint: str, content_events: int | None) -> int | None:
-    return None if content_events is None else _PRELUDE[endpoint] + content_events
-
-
-def _stream_error(endpoint: str) -> Iterator[bytes]:
-    """The in-band error a 200 stream starts with: chat's `data: {"error"}`, responses' `event: error`."""
-    error = errors.flex_unavailable()["error"]
-    if endpoint == CHAT:
-        yield payloads.sse({"error": error})
-    else:
-        fields = {"code": error["code"], "message": error["message"], "param": None}
-        yield payloads.sse({"type": "error", **fields, "sequence_number": 0}, event="error")
-
-
-async def _body(
-    request: web.Request, reply: Reply, headers: dict[str, str], data: dict[str, Any], cut_after: int | None
-) -> web.StreamResponse:
-    """A JSON answer; for cut_stream, the full content-length is announced but half the body is sent."""
-    if cut_after is None:
-        return json_response(reply.status or 200, data, headers)
-    body = dump(data)
-    partial = web.StreamResponse(status=reply.status or 200, headers={"content-type": "application/json", **headers})
-    partial.content_length = len(body)
-    await partial.prepare(request)
-    await partial.write(body[: len(body) // 2])
-    return drop(request)
-
-
-async def _stream(
-    request: web.Request,
-    reply: Reply,
-    headers: dict[str, str],
-    events: Iterator[bytes],
-    interval: float,
-    cut_after: int | None = None,
-) -> web.StreamResponse:
-    """Send SSE events `interval` apart; with `cut_after`, close the connection after that many events."""
-    response = web.StreamResponse(status=reply.status or 200, headers={**_SSE_HEADERS, **headers})
-    await response.prepare(request)
-    try:
-        for sent, event in enumerate(events):
-            if cut_after is not None and sent >= cut_after:
-                return drop(request)
-            if sent and interval:
-                await asyncio.sleep(interval)
-            await response.write(event)
-        await response.write_eof()
-    except ConnectionError:
-        # The client went away mid-stream; nothing is left to tell it.
-        pass
-    return response

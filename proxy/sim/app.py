@@ -25,11 +25,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def create_sim_app(sim: Simulator) -> web.Application:
     """An aiohttp application serving `sim` under /v1 and its control endpoints under /_sim."""
-    app = web.Application(middlewares=[_timing], client_max_size=MAX_BODY_BYTES)
+    passthrough = PassThroughEndpoints(sim)
+    app = web.Application(middlewares=[_timing, passthrough.canned], client_max_size=MAX_BODY_BYTES)
     app.add_routes(ControlEndpoints(sim).routes())
     app.add_routes(ModelEndpoints(sim).routes())
-    # The pass-through routes end with the /v1 catch-all, so they are added last.
-    app.add_routes(PassThroughEndpoints(sim).routes())
+    # The pass-through routes end with the catch-alls, so they are added last.
+    app.add_routes(passthrough.routes())
     app.on_response_prepare.append(_openai_headers)
     return app
 

@@ -15,7 +15,7 @@ from .simulator import Simulator
 
 
 class ControlEndpoints:
-    """POST /_sim/script, POST /_sim/reset, GET /_sim/stats, GET /_sim/requests, GET|POST /_sim/options."""
+    """The /_sim endpoints: POST script, reset, release; GET stats, billing, requests; GET|POST options."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
@@ -24,7 +24,9 @@ class ControlEndpoints:
         return [
             web.post("/_sim/script", self.script),
             web.post("/_sim/reset", self.reset),
+            web.post("/_sim/release", self.release),
             web.get("/_sim/stats", self.stats),
+            web.get("/_sim/billing", self.billing),
             web.get("/_sim/requests", self.requests),
             web.get("/_sim/options", self.get_options),
             web.post("/_sim/options", self.set_options),
@@ -45,8 +47,16 @@ class ControlEndpoints:
         self.sim.reset()
         return json_response(200, {"reset": True})
 
+    async def release(self, request: web.Request) -> web.Response:
+        """End the silences going on now (hangs, stalls, slow first tokens)."""
+        return json_response(200, {"released": self.sim.release_hangs()})
+
     async def stats(self, request: web.Request) -> web.Response:
-        return json_response(200, self.sim.stats())
+        return json_response(200, {**self.sim.stats(), "open_connections": self.sim.open_connections})
+
+    async def billing(self, request: web.Request) -> web.Response:
+        billed = self.sim.billing()
+        return json_response(200, {**dataclasses.asdict(billed), "undelivered": billed.undelivered})
 
     async def requests(self, request: web.Request) -> web.Response:
         """The last `limit` (default 100) recorded requests, without bodies."""

@@ -19,8 +19,22 @@ REPLY_KINDS = frozenset(
         "cut_stream",
         "stream_error",
         "slow",
+        "reset",
+        "stall",
+        "slow_first_token",
+        "malformed_event",
+        "no_done",
+        "prelude_then_error",
     }
 )
+# Kinds whose work the simulated upstream starts, so they are billed (shared OpenAI reference, section 9);
+# reset and drop are accepted only after a silence (delay_s > 0), a raw body only with a status below 400.
+ACCEPTED_KINDS = frozenset(
+    {"ok", "slow", "hang", "cut_stream", "stall", "slow_first_token", "malformed_event", "no_done"}
+)
+# Legal SSE event boundaries: the end of the last field line, then an empty line (CRLF, LF or CR each).
+# "\r" then "\n" is one line end, not two, so "\r\n" alone is not a boundary.
+SEPARATORS = frozenset({"\n\n", "\n\r", "\n\r\n", "\r\r", "\r\r\n", "\r\n\n", "\r\n\r", "\r\n\r\n"})
 
 # A hang that nobody ends still has to end: an hour outlives every test and benchmark.
 HANG_DEFAULT_S = 3600.0
@@ -64,7 +78,21 @@ class SimOptions:
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted answer for the next model request; `kind` says what happens (see REPLY_KINDS)."""
+    """One scripted answer for the next model request; `kind` says what happens.
+
+    ok, slow: an answer after `delay_s` (and the tier's latency); the error kinds: that error after `delay_s`.
+    hang: silent for `delay_s` (default an hour) or until `Simulator.release_hangs()`, then the connection closes.
+    drop / reset: after a silence of `delay_s`, close the connection without a byte (FIN / RST).
+    cut_stream: the opening events and `events` deltas (a non-stream answer: half its body), then a close.
+    stall: the opening events and `events` deltas, silence for `delay_s` (or until released), then the rest.
+    slow_first_token: a stream's headers at once, its first event after `delay_s` (non-stream: like ok).
+    malformed_event: a normal stream with one event whose data is not JSON in the middle.
+    no_done: a complete chat stream (finish_reason, usage if asked) without `data: [DONE]`; then a clean close.
+    stream_error: a 200 stream that starts with the flex capacity error in-band.
+    prelude_then_error: the same error after a Responses stream's `response.created` and
+    `response.in_progress` and an SSE comment (chat: after the comment alone).
+    `separator` ends every event of a stream (any legal SSE boundary); `accepted` overrides `accepts_work`.
+    """
 
     kind: str = "ok"
     status: int | None = None
@@ -77,6 +105,8 @@ class Reply:
     event_interval_s: float | None = None
     body: bytes | None = None
     headers: dict[str, str] | None = None
+    separator: str = "\n\n"
+    accepted: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in REPLY_KINDS:
@@ -86,6 +116,38 @@ class Reply:
         unknown = set(self.usage or {}) - {"input", "cached", "output", "reasoning"}
         if unknown:
             raise ValueError(f"unknown usage keys {sorted(unknown)}")
+        if self.separator not in SEPARATORS:
+            raise ValueError(f"separator {self.separator!r} is not a legal SSE event boundary")
+
+    @property
+    def accepts_work(self) -> bool:
+        """Whether upstream would have started (and billed) this work; `accepted` overrides the rule."""
+        if self.accepted is not None:
+            return self.accepted
+        if self.body is not None:
+            return (self.status or 200) < 400
+        if self.kind in ("reset", "drop"):
+            return self.delay_s > 0
+        return self.kind in ACCEPTED_KINDS and (self.status or 200) < 400
+
+
+@dataclass(frozen=True)
+class Canned:
+    """A fixed answer to every request for one raw path, for pass-through checks.
+
+    `headers` are sent as given (a str value goes out as UTF-8 bytes); `content-length` is always the full
+    body's. With `cut_at`, only that many body bytes are sent before the connection closes. HEAD gets the
+    headers alone.
+    """
+
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    cut_at: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cut_at is not None and not 0 <= self.cut_at < len(self.body):
+            raise ValueError(f"cut_at must be below the body's length {len(self.body)}, got {self.cut_at}")
 
 
 def window_busy(seed: int, window: int, busy_share: float) -> bool:

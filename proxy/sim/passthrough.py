@@ -8,13 +8,14 @@ import email.policy
 import hashlib
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import errors
-from .http import admit, json_response
-from .options import matches
+from . import errors, wire
+from .http import admit, close, json_response
+from .options import Canned, matches
 from .payloads import new_id
 from .simulator import RecordedRequest, Simulator
 
@@ -25,6 +26,8 @@ CATALOG = (
     "text-embedding-3-large",
 )  # fmt: skip
 _EMBEDDING_DIMENSIONS = 16
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class PassThroughEndpoints:
@@ -43,7 +46,41 @@ class PassThroughEndpoints:
             web.post("/v1/files", self.upload_file),
             web.get("/v1/files/{file_id}/content", self.file_content),
             web.route("*", "/v1/{tail:.*}", self.echo),
+            web.route("*", "/{tail:.*}", self.outside),
         ]
+
+    @web.middleware
+    async def canned(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Middleware: a path given a `Canned` answer gets it, whatever the method; HEAD without the body."""
+        canned = self.sim.canned(request.rel_url.raw_path)
+        if canned is None:
+            return await handler(request)
+        admitted = await self._admit(request, "canned")
+        if isinstance(admitted, web.Response):
+            return admitted
+        return await wire.guarded(request, self.sim, admitted, self._send_canned(request, admitted, canned))
+
+    async def _send_canned(self, request: web.Request, recorded: RecordedRequest, canned: Canned) -> web.StreamResponse:
+        response = web.StreamResponse(status=canned.status, headers=list(canned.headers))
+        response.content_length = len(canned.body)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        if canned.cut_at is not None:
+            await response.write(canned.body[: canned.cut_at])
+            return close(request, self.sim, recorded)
+        await response.write(canned.body)
+        return response
+
+    async def outside(self, request: web.Request) -> web.Response:
+        """Anything outside /v1 is recorded (outcome `outside_v1`, counted) and refused, as OpenAI would."""
+        admitted = await self._admit(request, "outside_v1")
+        if isinstance(admitted, web.Response):
+            return admitted
+        self.sim.count("outside_v1")
+        return json_response(
+            404, errors.envelope(f"Invalid URL ({request.method} {admitted.path})", "invalid_request_error")
+        )
 
     async def _admit(self, request: web.Request, outcome: str) -> RecordedRequest | web.Response:
         admitted = await admit(self.sim, request)

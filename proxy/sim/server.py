@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
@@ -19,7 +20,8 @@ _STOP_TIMEOUT_S = 10.0
 class SimServer:
     """`with SimServer(sim) as server:` serves `sim` at `server.base_url` until the block ends.
 
-    Hanging requests still open at stop get `shutdown_timeout` seconds before they are cancelled.
+    It counts the sockets in `sim.open_connections`. At stop, silences are released (hangs close their
+    connection); requests still open get `shutdown_timeout` seconds before they are cancelled.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class SimServer:
     def stop(self) -> None:
         """Stop serving and wait for the thread; safe to call twice."""
         loop, stopping, thread = self._loop, self._stopping, self._thread
+        self.sim.release_hangs()
         if loop is not None and stopping is not None and not loop.is_closed():
             # The loop may close between the check and the call; the thread is ending then anyway.
             with contextlib.suppress(RuntimeError):
@@ -97,6 +100,7 @@ class SimServer:
             shutdown_timeout=self._shutdown_timeout,
         )
         await runner.setup()
+        _count_connections(runner.server, self.sim)
         try:
             site = web.TCPSite(runner, self.host, self.port, backlog=self._backlog)
             await site.start()
@@ -106,3 +110,26 @@ class SimServer:
             await self._stopping.wait()
         finally:
             await runner.cleanup()
+
+
+def _count_connections(server: web.Server | None, sim: Simulator) -> None:
+    """Report each socket the server opens and loses to `sim`.
+
+    aiohttp's protocol calls `connection_made` and `connection_lost` on its `web.Server` exactly once per
+    socket; its `connections` list, by contrast, keeps a lost connection until its handler ends.
+    """
+    if server is None:
+        raise RuntimeError("the runner has no server after setup")
+    made, lost = server.connection_made, server.connection_lost
+
+    def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+        sim.connection_made()
+        made(handler, transport)
+
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        sim.connection_lost()
+        lost(handler, exc)
+
+    # Instance attributes shadow the methods for this one server; aiohttp looks them up on each call.
+    setattr(server, "connection_made", connection_made)  # noqa: B010
+    setattr(server, "connection_lost", connection_lost)  # noqa: B010

@@ -5,80 +5,31 @@ Methods that touch shared state take the lock: tests script and read from their 
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import math
 import random
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from . import errors
-from .options import Reply, SimOptions, matches, window_busy
+from .ledger import Billing
+from .options import Canned, Reply, SimOptions, matches, window_busy
+from .payloads import Usage
+from .recorded import RecordedRequest, parse_json
+
+__all__ = ["RecordedRequest", "Simulator", "validate"]
 
 _KEPT_RESPONSES = 1000
 _KEPT_FILES = 100
 # Present from the start so a benchmark reads zeros rather than missing keys; others appear when first counted.
 _COUNTERS = (
     "requests", "model_requests", "requested_flex", "ok", "flex_429", "rate_limit_429", "server_error",
-    "served_flex", "served_default", "served_priority",
+    "served_flex", "served_default", "served_priority", "connections",
 )  # fmt: skip
-
-
-@dataclass
-class RecordedRequest:
-    """One request as the simulator received it; `outcome` and `served_tier` are filled in when answered."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-    json: Any | None
-    outcome: str = ""
-    served_tier: str | None = None
-
-    @property
-    def tier(self) -> str | None:
-        """The body's `service_tier`, if it has one."""
-        value = self.json.get("service_tier") if isinstance(self.json, dict) else None
-        return value if isinstance(value, str) else None
-
-    @property
-    def model(self) -> str | None:
-        value = self.json.get("model") if isinstance(self.json, dict) else None
-        return value if isinstance(value, str) else None
-
-    @property
-    def stream(self) -> bool:
-        return isinstance(self.json, dict) and self.json.get("stream") is True
-
-    def summary(self) -> dict[str, Any]:
-        """The request without its body and with authorization redacted, for /_sim/requests."""
-        headers = {k: ("present" if k == "authorization" else v) for k, v in self.headers.items()}
-        return {
-            "method": self.method,
-            "path": self.path,
-            "query": self.query,
-            "headers": headers,
-            "body_bytes": len(self.body),
-            "model": self.model,
-            "tier": self.tier,
-            "stream": self.stream,
-            "outcome": self.outcome,
-            "served_tier": self.served_tier,
-        }
-
-
-def parse_json(body: bytes) -> Any | None:
-    if not body:
-        return None
-    try:
-        return json.loads(body)
-    except ValueError:
-        return None
 
 
 def validate(recorded: RecordedRequest, options: SimOptions) -> tuple[int, dict[str, Any], str] | None:
@@ -117,6 +68,11 @@ class Simulator:
         self._script: deque[Reply] = deque()
         self._responses: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._files: OrderedDict[str, tuple[dict[str, Any], bytes]] = OrderedDict()
+        self._canned: dict[str, Canned] = {}
+        self._billing = Billing()
+        self._silences: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self._silence_ids = 0
+        self._open_connections = 0
         self._start = clock()
         self.reset()
 
@@ -126,13 +82,28 @@ class Simulator:
             self._script.extend(replies)
 
     def reset(self) -> None:
-        """Forget the script, recorded requests and counters, and reseed the random draws."""
+        """Forget the script, recordings, counters, billing and canned answers; end silences; reseed.
+
+        `open_connections` is left alone: it is the state of the sockets, not a count since the reset.
+        """
         with self._lock:
             self._script.clear()
             self.requests.clear()
             self.counters.clear()
             self.counters.update(dict.fromkeys(_COUNTERS, 0))
+            self._canned.clear()
+            self._billing = Billing()
             self._rng = random.Random(self.options.seed)
+        self.release_hangs()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
+        """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
 
     @property
     def pending(self) -> int:
@@ -208,3 +179,93 @@ class Simulator:
     def stored_file(self, file_id: str) -> tuple[dict[str, Any], bytes] | None:
         with self._lock:
             return self._files.get(file_id)
+
+    def set_canned(self, path: str, canned: Canned) -> None:
+        """Answer every request whose raw path is `path` with `canned`, until the next reset."""
+        with self._lock:
+            self._canned[path] = canned
+
+    def canned(self, path: str) -> Canned | None:
+        with self._lock:
+            return self._canned.get(path)
+
+    # Billing (see ledger.py for the model).
+
+    def accept(self, recorded: RecordedRequest, tier: str, usage: Usage) -> None:
+        """The simulator started the work of `recorded`: from here on it is billed."""
+        with self._lock:
+            recorded.accepted, recorded.usage, recorded.usage_tier = True, usage, tier
+            self._billing.add_accepted(tier, usage)
+
+    def refuse(self, recorded: RecordedRequest) -> None:
+        """`recorded` was answered without doing its work: not billed."""
+        with self._lock:
+            recorded.accepted = False
+            self._billing.refused += 1
+
+    def deliver(self, recorded: RecordedRequest) -> None:
+        """The usage of accepted `recorded` was sent in full (once per request)."""
+        with self._lock:
+            if recorded.usage is None or recorded.usage_tier is None or recorded.delivered:
+                return
+            recorded.delivered = True
+            self._billing.add_delivered(recorded.usage_tier, recorded.usage)
+
+    def billing(self) -> Billing:
+        """A consistent copy of the billing counts since the last reset."""
+        with self._lock:
+            return self._billing.snapshot()
+
+    def end(self, recorded: RecordedRequest, *, by_peer: bool) -> None:
+        """Mark how `recorded` ended: the simulator finished, or the peer closed first; the first call wins."""
+        with self._lock:
+            if recorded.ended.is_set():
+                return
+            recorded.ended_at = time.monotonic()
+            (recorded.closed_by_peer if by_peer else recorded.finished).set()
+            recorded.ended.set()
+
+    # Silences (hang, stall, slow first token, a reset's delay) that the test may end early.
+
+    def add_silence(self, loop: asyncio.AbstractEventLoop, release: asyncio.Event) -> int:
+        with self._lock:
+            self._silence_ids += 1
+            self._silences[self._silence_ids] = (loop, release)
+            return self._silence_ids
+
+    def remove_silence(self, token: int) -> None:
+        with self._lock:
+            self._silences.pop(token, None)
+
+    @property
+    def hanging(self) -> int:
+        """How many requests are silent right now (hang, stall, slow first token, a reset's delay)."""
+        with self._lock:
+            return len(self._silences)
+
+    def release_hangs(self) -> int:
+        """End every silence going on now (not later ones); returns how many. Safe from any thread."""
+        with self._lock:
+            waiting = list(self._silences.values())
+        for loop, release in waiting:
+            # The loop may have closed since; its silences are over then anyway.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(release.set)
+        return len(waiting)
+
+    # Connections, counted by the server (SimServer) as the sockets open and close.
+
+    def connection_made(self) -> None:
+        with self._lock:
+            self._open_connections += 1
+            self.counters["connections"] += 1
+
+    def connection_lost(self) -> None:
+        with self._lock:
+            self._open_connections -= 1
+
+    @property
+    def open_connections(self) -> int:
+        """TCP connections open to the simulator right now (served by SimServer)."""
+        with self._lock:
+            return self._open_connections
