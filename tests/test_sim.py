@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import dataclasses
 import json
 import re
@@ -20,10 +21,13 @@ import aiohttp
 import httpx
 import openai
 import pytest
+import rawup
+from rawup import RawRequest, RawUpstream
 
 from proxy.sim import Reply, SimOptions, SimServer, Simulator
 from proxy.sim.cli import main as sim_main
-from proxy.sim.options import window_busy
+from proxy.sim.options import SEPARATORS, Canned, window_busy
+from proxy.sim.recorded import leaves_v1
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Say hello."}]
@@ -594,6 +598,444 @@ def test_control_endpoints_drive_an_out_of_process_simulator(
     assert sim.requests == [] and sim.stats()["model_requests"] == 0
 
 
+# -- faults for the fault suite ----------------------------------------------------------------------------
+
+USAGE = {"input": 100, "cached": 40, "output": 10, "reasoning": 3}
+
+
+def chat_body(**extra: object) -> dict[str, object]:
+    return {"model": "o3", "messages": MESSAGES, **extra}
+
+
+def exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw request bytes and read until the server closes; a reset surfaces as ConnectionResetError."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(request)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+        return received
+
+
+def raw_post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"Connection: close\r\n\r\n" + body
+
+
+def data_lines(lines: list[str]) -> list[str]:
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+def test_reset_is_an_rst_before_any_byte_and_refused_work(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("reset"))
+    with pytest.raises(ConnectionResetError):
+        exchange(server.port, raw_post("/v1/chat/completions", json.dumps(chat_body()).encode()))
+    recorded = sim.requests[-1]
+    assert recorded.finished.is_set() and not recorded.closed_by_peer.is_set()
+    assert recorded.accepted is False and recorded.json["model"] == "o3"  # the request was read first
+    billing = sim.billing()
+    assert (billing.accepted, billing.refused) == (0, 1)
+
+
+def test_reset_through_the_sdk_is_a_connection_error(client: openai.OpenAI, sim: Simulator) -> None:
+    sim.script(Reply("reset"))
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="o3", messages=MESSAGES)
+    assert client.chat.completions.create(model="o3", messages=MESSAGES).choices[0].message.content
+
+
+def test_reset_after_a_silence_is_accepted_work(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("reset", delay_s=30, usage=USAGE))
+    request = raw_post("/v1/chat/completions", json.dumps(chat_body(service_tier="flex")).encode())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(exchange, server.port, request)
+        assert sim.wait_for(lambda: sim.hanging == 1)
+        assert sim.release_hangs() == 1
+        with pytest.raises(ConnectionResetError):
+            answer.result(timeout=5)
+    assert sim.settle()
+    billing = sim.billing()
+    assert (billing.accepted, billing.refused, billing.delivered, billing.undelivered) == (1, 0, 0, 1)
+    assert billing.accepted_tokens == {"flex": USAGE} and billing.delivered_tokens == {}
+
+
+def test_hang_ends_when_released_and_closes_without_an_answer(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("hang"))  # an hour, unless released
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, server.base_url + "/chat/completions", json=chat_body(), timeout=10)
+        assert sim.wait_for(lambda: sim.hanging == 1)
+        assert sim.release_hangs() == 1
+        with pytest.raises(httpx.RemoteProtocolError):
+            answer.result(timeout=5)
+    recorded = sim.requests[-1]
+    assert recorded.finished.wait(5) and not recorded.closed_by_peer.is_set()
+    assert recorded.accepted is True and sim.hanging == 0
+    assert sim.release_hangs() == 0  # nothing left to release
+
+
+def test_a_client_leaving_during_a_hang_is_seen_upstream(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("hang"))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/chat/completions", json=chat_body(), timeout=0.3)
+    recorded = sim.requests[-1]
+    assert recorded.closed_by_peer.wait(5) and recorded.ended.is_set()
+    assert not recorded.finished.is_set()
+    assert recorded.ended_at is not None and recorded.ended_at - recorded.received_at >= 0.25
+    assert sim.wait_for(lambda: sim.hanging == 0)
+    assert sim.requests[-1].summary()["closed_by_peer"] is True
+
+
+def test_stall_goes_silent_after_some_deltas_then_finishes(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("stall", events=2))
+    lines: list[str] = []
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=chat_body(stream=True), timeout=10) as r:
+        received = r.iter_lines()
+        for line in received:
+            lines.append(line)
+            if len(data_lines(lines)) == 3:  # the role chunk and two deltas
+                break
+        assert sim.wait_for(lambda: sim.hanging == 1)
+        assert not sim.requests[-1].ended.is_set()
+        assert sim.release_hangs() == 1
+        lines.extend(received)
+    chunks = [json.loads(data) for data in data_lines(lines)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == (
+        "This is a simulated reply from the upstream.")  # fmt: skip
+    assert data_lines(lines)[-1] == "[DONE]"
+    assert sim.requests[-1].finished.wait(5) and sim.requests[-1].outcome == "stall"
+
+
+def test_stall_for_a_while_on_responses(client: openai.OpenAI, sim: Simulator) -> None:
+    sim.script(Reply("stall", events=1, delay_s=0.3))
+    arrivals: list[tuple[str, float]] = []
+    for event in client.responses.create(model="o3", input="x", stream=True):
+        arrivals.append((event.type, time.monotonic()))
+    types = [name for name, _ in arrivals]
+    first_delta = types.index("response.output_text.delta")
+    assert arrivals[first_delta + 1][1] - arrivals[first_delta][1] >= 0.25  # asyncio timers may fire a little early
+    assert types.count("response.output_text.delta") == 8 and types[-1] == "response.completed"
+
+
+def test_a_client_leaving_a_stalled_stream_is_seen_upstream(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("stall", events=1))
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=chat_body(stream=True), timeout=10) as r:
+        assert r.status_code == 200
+        assert sim.wait_for(lambda: sim.hanging == 1)
+    recorded = sim.requests[-1]
+    assert recorded.closed_by_peer.wait(5) and not recorded.finished.is_set()
+    assert sim.wait_for(lambda: sim.hanging == 0)
+
+
+def test_slow_first_token_sends_headers_at_once(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("slow_first_token", delay_s=30))
+    with httpx.stream("POST", server.base_url + "/responses", json={"model": "o3", "input": "x", "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert sim.wait_for(lambda: sim.hanging == 1)
+    # The client left before the first event: upstream sees the connection close.
+    recorded = sim.requests[-1]
+    assert recorded.closed_by_peer.wait(5) and not recorded.finished.is_set()
+    assert recorded.accepted is True and not recorded.delivered
+
+
+def test_slow_first_token_released_is_a_whole_stream(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("slow_first_token", delay_s=30))
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as sdk,
+    ):
+        stream = sdk.chat.completions.create(model="o3", messages=MESSAGES, stream=True)  # headers are in
+        assert sim.wait_for(lambda: sim.hanging == 1)
+        chunks = pool.submit(list, stream)
+        assert sim.release_hangs() == 1
+        text = "".join(c.choices[0].delta.content or "" for c in chunks.result(timeout=5) if c.choices)
+    assert text == "This is a simulated reply from the upstream."
+
+
+def test_slow_first_token_without_stream_delays_the_headers(client: openai.OpenAI, sim: Simulator) -> None:
+    sim.script(Reply("slow_first_token", delay_s=0.3))
+    started = time.monotonic()
+    completion = client.chat.completions.create(model="o3", messages=MESSAGES)
+    assert time.monotonic() - started >= 0.3
+    assert completion.choices[0].message.content == "This is a simulated reply from the upstream."
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/chat/completions", chat_body(stream=True)), ("/responses", {"model": "o3", "input": "x", "stream": True})],
+)
+def test_malformed_event_sits_in_a_stream_that_ends_normally(
+    server: SimServer, sim: Simulator, path: str, body: dict[str, object]
+) -> None:
+    sim.script(Reply("malformed_event"))
+    data = data_lines(sse_lines(server, path, body))
+
+    def parses(text: str) -> bool:
+        try:
+            json.loads(text)
+        except ValueError:
+            return text == "[DONE]"
+        return True
+
+    broken = [index for index, text in enumerate(data) if not parses(text)]
+    assert len(broken) == 1 and 2 < broken[0] < len(data) - 3
+    last = data[-1] if path == "/responses" else data[-2]
+    assert "usage" not in json.loads(last) or path == "/responses"
+    if path == "/responses":
+        assert json.loads(last)["type"] == "response.completed"
+    else:
+        assert data[-1] == "[DONE]"
+    assert sim.settle() and sim.requests[-1].finished.is_set()
+
+
+def test_no_done_is_a_complete_chat_stream_that_closes_cleanly(
+    client: openai.OpenAI, server: SimServer, sim: Simulator
+) -> None:
+    sim.script(Reply("no_done"), Reply("no_done"))
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=10) as response:
+        lines = [line for line in response.iter_lines() if line]
+        assert response.headers["connection"] == "close"
+    data = data_lines(lines)
+    assert "[DONE]" not in data and len(data) == len(lines)
+    finish, usage = json.loads(data[-2]), json.loads(data[-1])
+    assert finish["choices"][0]["finish_reason"] == "stop"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 20
+    chunks = list(client.chat.completions.create(model="o3", messages=MESSAGES, stream=True))  # the SDK is content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert sim.settle() and [r.finished.is_set() for r in sim.requests] == [True, True]
+    assert [r.delivered for r in sim.requests] == [True, False]  # no usage asked, none delivered
+
+
+def test_prelude_then_error_on_responses(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("prelude_then_error"))
+    lines = sse_lines(server, "/responses", {"model": "o3", "input": "x", "stream": True, "service_tier": "flex"})
+    assert [line for line in lines if not line.startswith("data: ")] == [
+        "event: response.created", "event: response.in_progress", ": keepalive", "event: error"]  # fmt: skip
+    events = [json.loads(data) for data in data_lines(lines)]
+    assert [(e["type"], e["sequence_number"]) for e in events] == [
+        ("response.created", 0), ("response.in_progress", 1), ("error", 2)]  # fmt: skip
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["service_tier"] == "flex"
+    assert events[2]["code"] == "resource_unavailable"
+    assert sim.settle() and sim.requests[-1].accepted is False and sim.billing().refused == 1
+
+
+def test_prelude_then_error_on_chat(client: openai.OpenAI, server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply("prelude_then_error"), Reply("prelude_then_error"))
+    lines = sse_lines(server, "/chat/completions", chat_body(stream=True))
+    assert lines[0] == ": keepalive" and len(lines) == 2
+    assert json.loads(lines[1].removeprefix("data: "))["error"]["code"] == "resource_unavailable"
+    with pytest.raises(openai.APIError) as caught:
+        list(client.chat.completions.create(model="o3", messages=MESSAGES, stream=True))
+    assert caught.value.code == "resource_unavailable"
+
+
+@pytest.mark.parametrize("separator", sorted(SEPARATORS))
+def test_events_end_with_any_legal_boundary(
+    client: openai.OpenAI, server: SimServer, sim: Simulator, separator: str
+) -> None:
+    sim.script(Reply(separator=separator), Reply(separator=separator), Reply(separator=separator))
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=chat_body(stream=True)) as response:
+        raw = response.read()
+    events = raw.split(separator.encode())
+    assert events[-1] == b"" and len(events) - 1 == 1 + 8 + 1 + 1
+    assert events[-2] == b"data: [DONE]" and all(event.startswith(b"data: {") for event in events[:-2])
+    with httpx.stream("POST", server.base_url + "/responses", json={"model": "o3", "input": "x", "stream": True}) as r:
+        first = r.read().split(separator.encode())[0]
+    line_end = "\r\n" if separator.startswith("\r\n") else separator[0]
+    assert first.startswith(f"event: response.created{line_end}data: {{".encode())
+    deltas = client.chat.completions.create(model="o3", messages=MESSAGES, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in deltas)
+    assert text == "This is a simulated reply from the upstream."
+
+
+def test_wait_for_is_bounded(sim: Simulator) -> None:
+    started = time.monotonic()
+    assert not sim.wait_for(lambda: False, timeout=0.05)
+    assert sim.wait_for(lambda: True, timeout=0)
+    assert time.monotonic() - started < 1
+
+
+def test_open_connections_follow_the_sockets() -> None:
+    with SimServer() as local:
+        sim = local.sim
+        sockets = [socket.create_connection(("127.0.0.1", local.port), timeout=5) for _ in range(3)]
+        try:
+            assert sim.wait_for(lambda: sim.open_connections == 3)
+            sockets.pop().close()
+            sockets.pop().close()
+            assert sim.wait_for(lambda: sim.open_connections == 1)
+        finally:
+            for conn in sockets:
+                conn.close()
+        assert sim.wait_for(lambda: sim.open_connections == 0)
+        assert sim.stats()["connections"] == 3
+        sim.reset()
+        assert sim.stats()["connections"] == 0 and sim.open_connections == 0
+
+
+def test_billing_counts_accepted_refused_and_delivered_work(
+    client: openai.OpenAI, server: SimServer, sim: Simulator
+) -> None:
+    sim.script(
+        Reply(usage=USAGE),  # flex, whole body: accepted and delivered
+        Reply("flex_429"),  # refused
+        Reply("reset"),  # refused: nothing was accepted
+        Reply("cut_stream", usage=USAGE),  # accepted, its usage never sent
+        Reply(usage=USAGE),  # a stream without include_usage: accepted, no usage sent
+        Reply(usage=USAGE),  # a stream with include_usage: accepted and delivered
+        Reply("stream_error"),  # an in-band flex error: refused
+        Reply("reset", delay_s=0.01, usage=USAGE),  # accepted, then a silence and a reset
+    )
+    client.chat.completions.create(model="o3", messages=MESSAGES, service_tier="flex")
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="o3", messages=MESSAGES, service_tier="flex")
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="o3", messages=MESSAGES)
+    with pytest.raises(openai.APIConnectionError):
+        list(client.chat.completions.create(model="o3", messages=MESSAGES, stream=True))
+    list(client.chat.completions.create(model="o3", messages=MESSAGES, stream=True))
+    list(
+        client.chat.completions.create(
+            model="o3", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    with pytest.raises(openai.APIError):
+        list(client.chat.completions.create(model="o3", messages=MESSAGES, stream=True, service_tier="flex"))
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="o3", messages=MESSAGES)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES)  # refused by validation
+    assert sim.settle()
+    billing = sim.billing()
+    assert (billing.accepted, billing.refused, billing.delivered, billing.undelivered) == (5, 4, 2, 3)
+    assert billing.delivered_tokens == {"flex": USAGE, "default": USAGE}
+    assert billing.accepted_tokens == {"flex": USAGE, "default": {k: v * 4 for k, v in USAGE.items()}}
+    assert [r.accepted for r in sim.requests] == [True, False, False, True, True, True, False, True, False]
+    published = httpx.get(server.url + "/_sim/billing").json()
+    assert (published["accepted"], published["undelivered"], published["delivered_tokens"]["flex"]) == (5, 3, USAGE)
+
+
+def test_canned_download_keeps_raw_header_bytes_and_length(server: SimServer, sim: Simulator) -> None:
+    disposition = 'attachment; filename="résumé.pdf"'
+    body = bytes(range(256)) * 40
+    headers = (("content-disposition", disposition), ("content-type", "application/pdf"))
+    sim.set_canned("/v1/files/file-1/content", Canned(headers=headers, body=body))
+    whole = httpx.get(server.base_url + "/files/file-1/content")
+    assert whole.content == body and whole.headers["content-length"] == str(len(body))
+    assert dict(whole.headers.raw)[b"content-disposition"] == disposition.encode()  # UTF-8 on the wire
+    head = httpx.head(server.base_url + "/files/file-1/content")
+    assert (head.status_code, head.headers["content-length"], head.content) == (200, str(len(body)), b"")
+    assert [r.method for r in sim.requests] == ["GET", "HEAD"] and sim.requests[0].outcome == "canned"
+
+
+def test_canned_download_cut_mid_body(server: SimServer, sim: Simulator) -> None:
+    body = b"x" * 10_000
+    sim.set_canned("/v1/files/file-2/content", Canned(body=body, cut_at=1000))
+    received = b""
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        httpx.stream("GET", server.base_url + "/files/file-2/content") as response,
+    ):
+        assert response.headers["content-length"] == "10000"
+        for chunk in response.iter_raw():
+            received += chunk
+    assert received == body[:1000]
+    assert sim.requests[-1].finished.wait(5)
+    with pytest.raises(ValueError, match="cut_at"):
+        Canned(body=b"ab", cut_at=2)
+
+
+def test_paths_outside_v1_are_recorded(server: SimServer, sim: Simulator) -> None:
+    outside = exchange(server.port, b"GET /admin HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n\r\n")
+    assert outside.startswith(b"HTTP/1.1 404")
+    escaping = exchange(server.port, b"GET /v1/%2e%2e/admin?x=%23 HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n\r\n")
+    assert escaping.startswith(b"HTTP/1.1 200")  # aiohttp routes the raw path; the recording tells
+    first, second = sim.requests
+    assert (first.path, first.outcome, first.outside_v1) == ("/admin", "outside_v1", True)
+    assert (second.path, second.query, second.outside_v1) == ("/v1/%2e%2e/admin", "x=%23", True)
+    assert sim.stats()["outside_v1"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "outside"),
+    [
+        ("/v1/models", False), ("/v1/./chat/completions", False), ("/v1/a/../models", False),
+        ("/v1/../admin", True), ("/v1/a/../../x", True), ("/v1/%2E%2E/x", True), ("/v1/a%2F..%2F..%2Fx", True),
+        ("/v1/a\\..\\..\\x", True), ("//v1/x", True), ("/v1", True), ("/admin", True),
+    ],
+)  # fmt: skip
+def test_leaves_v1(path: str, outside: bool) -> None:
+    assert leaves_v1(path) is outside
+
+
+def test_an_aborted_upload_is_recorded(server: SimServer, sim: Simulator) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+        conn.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\nContent-Length: 1000\r\n\r\n{"model"')
+        assert sim.wait_for(lambda: sim.open_connections >= 1)
+    assert sim.wait_for(lambda: bool(sim.requests) and sim.requests[-1].ended.is_set())
+    recorded = sim.requests[-1]
+    assert (recorded.outcome, recorded.body) == ("upload_aborted", b"")
+    assert recorded.closed_by_peer.is_set() and sim.stats()["upload_aborted"] == 1
+
+
+def test_control_release_and_new_kinds(server: SimServer, sim: Simulator) -> None:
+    scripted = httpx.post(server.url + "/_sim/script", json=[{"kind": "stall", "events": 1, "separator": "\r\n\r\n"}])
+    assert scripted.json() == {"scripted": 1, "pending": 1}
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=chat_body(stream=True), timeout=10) as r:
+        assert sim.wait_for(lambda: sim.hanging == 1)
+        assert httpx.post(server.url + "/_sim/release").json() == {"released": 1}
+        raw = r.read()
+    assert raw.endswith(b"data: [DONE]\r\n\r\n")
+    assert httpx.get(server.url + "/_sim/stats").json()["open_connections"] >= 1  # this request's own
+
+
+# -- the raw upstream (tests/rawup.py) ---------------------------------------------------------------------
+
+
+def test_rawup_records_the_raw_target_and_sends_raw_bytes() -> None:
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        disposition = 'attachment; filename="résumé.pdf"'.encode("latin-1")  # not UTF-8: aiohttp cannot send it
+        writer.write(rawup.response(200, [(b"content-disposition", disposition)], request.body[::-1]))
+
+    with RawUpstream(answer) as upstream:
+        target = b"/v1/a%2Fb/../c%20d?x=%23&y=%2F"
+        answered = exchange(
+            upstream.port, b"POST " + target + b" HTTP/1.1\r\nHost: raw\r\nContent-Length: 3\r\n\r\nabc"
+        )
+        assert answered.startswith(b"HTTP/1.1 200") and answered.endswith(b"\r\n\r\ncba")
+        assert b'filename="r\xe9sum\xe9.pdf"' in answered
+        chunked = httpx.post(upstream.url + "/v1/files", content=iter([b"hello ", b"world"]))
+        assert chunked.content == b"dlrow olleh"
+    first, second = upstream.requests
+    assert (first.method, first.target, first.header(b"HOST")) == ("POST", target, b"raw")
+    assert first.line == b"POST " + target + b" HTTP/1.1"
+    assert (second.target, second.body, second.header(b"transfer-encoding")) == (
+        b"/v1/files",
+        b"hello world",
+        b"chunked",
+    )
+    assert not first.peer_closed.is_set()
+
+
+def test_rawup_resets_and_sees_the_peer_leave() -> None:
+    async def answer(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        if request.target == b"/v1/reset":
+            rawup.reset(writer)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")  # headers and part of the body
+        await writer.drain()
+        await asyncio.wait_for(request.gone.wait(), 10)
+
+    with RawUpstream(answer) as upstream:
+        with pytest.raises(httpx.ReadError):
+            httpx.get(upstream.url + "/v1/reset")
+        with httpx.stream("GET", upstream.url + "/v1/wait") as response:
+            assert response.status_code == 200  # leave without reading the body
+        reset, left = upstream.requests
+        assert left.peer_closed.wait(5)
+        assert not reset.peer_closed.is_set()
+
+
 # -- options, server and command line ----------------------------------------------------------------------
 
 
@@ -606,6 +1048,8 @@ def test_invalid_options_and_replies_are_refused() -> None:
         Reply("explode")
     with pytest.raises(ValueError, match="usage"):
         Reply(usage={"prompt": 1})
+    with pytest.raises(ValueError, match="separator"):
+        Reply(separator="\r\n")  # one line end, not an event boundary
 
 
 def test_options_are_replaceable_at_run_time(client: openai.OpenAI, sim: Simulator) -> None:

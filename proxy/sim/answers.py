@@ -53,7 +53,7 @@ class ModelEndpoints:
                 recorded.outcome = outcome
                 sim.count(outcome)
                 sim.refuse(recorded)
-                return await wire.guarded(request, sim, recorded, _ready(json_response(status, body)))
+                return json_response(status, body)
             reply = sim.draw_reply(recorded.tier)
         recorded.outcome = reply.kind
         sim.count(reply.kind)
@@ -62,7 +62,7 @@ class ModelEndpoints:
             sim.accept(recorded, tier, payloads.Usage.estimate(len(recorded.body), options, reply.usage))
         else:
             sim.refuse(recorded)
-        return await wire.guarded(request, sim, recorded, self._act(request, endpoint, recorded, reply, options))
+        return await self._act(request, endpoint, recorded, reply, options)
 
     async def _act(
         self,
@@ -166,10 +166,6 @@ class ModelEndpoints:
             close_after=kind == "no_done",
         )
         return await wire.stream(request, sim, recorded, status, headers, plan)
-
-
-async def _ready(response: web.StreamResponse) -> web.StreamResponse:
-    return response
 
 
 def _failure(kind: str, reply: Reply, model: str, options: SimOptions) -> tuple[int, dict[str, Any]] | None:

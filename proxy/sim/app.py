@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from . import wire
 from .answers import ModelEndpoints
 from .control import ControlEndpoints
 from .passthrough import PassThroughEndpoints
@@ -26,7 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_sim_app(sim: Simulator) -> web.Application:
     """An aiohttp application serving `sim` under /v1 and its control endpoints under /_sim."""
     passthrough = PassThroughEndpoints(sim)
-    app = web.Application(middlewares=[_timing, passthrough.canned], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_timing, wire.guard(sim), passthrough.canned], client_max_size=MAX_BODY_BYTES)
     app.add_routes(ControlEndpoints(sim).routes())
     app.add_routes(ModelEndpoints(sim).routes())
     # The pass-through routes end with the catch-alls, so they are added last.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import socket
 import struct
@@ -15,6 +16,9 @@ from .simulator import RecordedRequest, Simulator
 
 # SO_LINGER on with a zero timeout: close() discards unsent data and sends RST instead of FIN.
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+# A middleware (wire.guard) opens a slot for each request and admit() puts the recorded request in it, so the
+# middleware can tell how the exchange ended. A context variable, as aiohttp runs a request in one task.
+recorded_slot: contextvars.ContextVar[list[RecordedRequest]] = contextvars.ContextVar("flex_sim_recorded")
 
 
 class Closed(web.Response):
@@ -48,6 +52,7 @@ async def admit(sim: Simulator, request: web.Request) -> RecordedRequest | web.R
             raise
         return Closed()
     recorded = sim.record(request.method, url.raw_path, url.raw_query_string, headers, body)
+    recorded_slot.get([]).append(recorded)
     api_key = sim.options.api_key
     if api_key is not None and headers.get("authorization") != f"Bearer {api_key}":
         recorded.outcome = "unauthorized"

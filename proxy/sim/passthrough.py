@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import errors, wire
+from . import errors
 from .http import admit, close, json_response
 from .options import Canned, matches
 from .payloads import new_id
@@ -58,7 +58,7 @@ class PassThroughEndpoints:
         admitted = await self._admit(request, "canned")
         if isinstance(admitted, web.Response):
             return admitted
-        return await wire.guarded(request, self.sim, admitted, self._send_canned(request, admitted, canned))
+        return await self._send_canned(request, admitted, canned)
 
     async def _send_canned(self, request: web.Request, recorded: RecordedRequest, canned: Canned) -> web.StreamResponse:
         response = web.StreamResponse(status=canned.status, headers=list(canned.headers))

@@ -9,6 +9,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ledger import Billing
 from .payloads import Usage
 
 
@@ -40,6 +41,8 @@ class RecordedRequest:
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
     closed_by_peer: threading.Event = field(default_factory=threading.Event, repr=False)
     ended: threading.Event = field(default_factory=threading.Event, repr=False)
+    # The billing ledger current when the work was accepted: a delivery after a reset counts in the old one.
+    ledger: Billing | None = field(default=None, init=False, repr=False)
 
     @property
     def outside_v1(self) -> bool:

@@ -105,6 +105,15 @@ class Simulator:
             time.sleep(interval)
         return True
 
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Wait until every recorded request has ended (read billing after this); False on timeout."""
+
+        def settled() -> bool:
+            with self._lock:
+                return all(recorded.ended.is_set() for recorded in self.requests)
+
+        return self.wait_for(settled, timeout)
+
     @property
     def pending(self) -> int:
         """How many scripted replies are still queued."""
@@ -195,6 +204,7 @@ class Simulator:
         """The simulator started the work of `recorded`: from here on it is billed."""
         with self._lock:
             recorded.accepted, recorded.usage, recorded.usage_tier = True, usage, tier
+            recorded.ledger = self._billing
             self._billing.add_accepted(tier, usage)
 
     def refuse(self, recorded: RecordedRequest) -> None:
@@ -206,10 +216,10 @@ class Simulator:
     def deliver(self, recorded: RecordedRequest) -> None:
         """The usage of accepted `recorded` was sent in full (once per request)."""
         with self._lock:
-            if recorded.usage is None or recorded.usage_tier is None or recorded.delivered:
+            if recorded.ledger is None or recorded.usage is None or recorded.usage_tier is None or recorded.delivered:
                 return
             recorded.delivered = True
-            self._billing.add_delivered(recorded.usage_tier, recorded.usage)
+            recorded.ledger.add_delivered(recorded.usage_tier, recorded.usage)
 
     def billing(self) -> Billing:
         """A consistent copy of the billing counts since the last reset."""

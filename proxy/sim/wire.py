@@ -11,11 +11,13 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from .http import Closed, close, peer_gone
+from .http import Closed, close, peer_gone, recorded_slot
 from .shapes import StreamPlan
 from .simulator import RecordedRequest, Simulator
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
 
 
@@ -30,26 +32,36 @@ async def silence(sim: Simulator, seconds: float) -> None:
         sim.remove_silence(token)
 
 
-async def guarded(
-    request: web.Request, sim: Simulator, recorded: RecordedRequest, act: Awaitable[web.StreamResponse]
-) -> web.StreamResponse:
-    """Run a handler's `act` and send what it returns, noting whether it finished or the peer left first."""
-    try:
-        response = await act
-        if isinstance(response, Closed):
-            return response
-        await response.prepare(request)
-        await response.write_eof()
-    except asyncio.CancelledError:
-        # aiohttp cancels the handler when the client's connection is lost (handler_cancellation) and at stop.
-        if peer_gone(request):
-            sim.end(recorded, by_peer=True)
-        raise
-    except ConnectionError:
-        sim.end(recorded, by_peer=True)
-        return Closed()
-    sim.end(recorded, by_peer=False)
-    return response
+def guard(sim: Simulator) -> Middleware:
+    """Middleware: send what a handler returns, then note whether the exchange finished or the peer left first.
+
+    Handlers that admit a request (http.admit) are followed; the rest pass untouched.
+    """
+
+    @web.middleware
+    async def guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+        slot: list[RecordedRequest] = []
+        recorded_slot.set(slot)
+        try:
+            response = await handler(request)
+            if slot and not isinstance(response, Closed):
+                await response.prepare(request)
+                await response.write_eof()
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the connection is lost (handler_cancellation), and at stop.
+            if slot and peer_gone(request):
+                sim.end(slot[0], by_peer=True)
+            raise
+        except ConnectionError:
+            if not slot:
+                raise
+            sim.end(slot[0], by_peer=True)
+            return Closed()
+        if slot:
+            sim.end(slot[0], by_peer=False)
+        return response
+
+    return guarded
 
 
 async def body(
@@ -99,6 +111,8 @@ async def stream(
 ) -> web.StreamResponse:
     """Send the events of `plan` on a fresh event-stream response, pausing, cutting or stalling as it says."""
     response = web.StreamResponse(status=status, headers={**SSE_HEADERS, **headers})
+    if plan.close_after:
+        response.force_close()  # before prepare, so the headers say `connection: close`
     await response.prepare(request)
     if plan.first_delay_s:
         await silence(sim, plan.first_delay_s)
@@ -114,7 +128,5 @@ async def stream(
         await response.write(event)
         if index == plan.usage_at:
             sim.deliver(recorded)
-    if plan.close_after:
-        response.force_close()
     await response.write_eof()
     return response
