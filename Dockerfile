@@ -17,7 +17,8 @@ RUN python -m venv --without-pip /opt/flex-proxy \
 # Then our own wheel, built without network access to a build backend other than the pinned setuptools.
 # --no-deps plus `pip check` makes the build fail if pyproject.toml gains a dependency the pins lack.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# LICENSE goes into the wheel's metadata (setuptools picks it up by name), so the image carries it.
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy/ proxy/
 RUN pip install --no-cache-dir setuptools==80.9.0 \
     && pip wheel --no-cache-dir --no-build-isolation --no-deps --wheel-dir /tmp/wheels . \
