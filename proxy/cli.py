@@ -3,41 +3,156 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import gc
+import logging
 import math
+import os
+import socket
 import sys
+import textwrap
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
 import uvicorn
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 
 from .config import Settings
-from .logs import configure
+from .logs import LOGGER, configure, text_value
+from .pricing import PriceTable
 
 DESCRIPTION = "Reverse proxy for the OpenAI API that sends eligible requests on the flex tier."
+PREFIX = "FLEX_PROXY_"
+BACKLOG = 4096
+# The dated-snapshot glob the default model list pairs with each family; shown once instead of 14 times.
+_DATED = "-20[0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
+# Variables Kubernetes injects for a Service named flex-proxy when service links are on (deploy/README.md).
+_SERVICE_LINK = ("FLEX_PROXY_SERVICE_", "FLEX_PROXY_PORT_")
+
+
+def version() -> str:
+    try:
+        return metadata.version("flex-proxy")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def _types(annotation: Any) -> list[Any]:
+    """`Path | None` → [Path]; `tuple[SecretStr, ...]` → [tuple, SecretStr]: the types a field is made of."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return [Literal]
+    if origin in (Union, types.UnionType):
+        return [t for arg in get_args(annotation) if arg is not type(None) for t in _types(arg)]
+    if origin is not None:
+        return [origin, *(t for arg in get_args(annotation) if arg is not Ellipsis for t in _types(arg))]
+    return [annotation]
+
+
+def is_secret(info: FieldInfo) -> bool:
+    """Keys are read from the environment only: a command line shows in `ps` and in shell history."""
+    return SecretStr in _types(info.annotation)
+
+
+def _metavar(name: str, info: FieldInfo) -> str:
+    kinds = _types(info.annotation)
+    if Literal in kinds:
+        return "{" + ",".join(map(str, get_args(info.annotation))) + "}"
+    if bool in kinds:
+        return "{true,false}"
+    if tuple in kinds:
+        return "A,B,..."
+    if Path in kinds:
+        return "FILE"
+    if int in kinds:
+        return "N"
+    if float in kinds:
+        return "SECONDS" if name.endswith("_s") else "NUMBER"
+    if name.endswith("_url"):
+        return "URL"
+    return "ADDRESS" if name == "host" else "TEXT"
+
+
+def show_default(value: object) -> str:
+    """A default as the operator would type it; each family's dated-snapshot pattern is named once."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        items = [str(v) for v in value]
+        families = [v for v in items if v + _DATED in items]
+        if families and len(families) * 2 == len(items):
+            return ", ".join(families) + f" (each also as <name>{_DATED}, its dated snapshots)"
+        return ", ".join(items) or "none"
+    return str(value)
+
+
+def _help(name: str, info: FieldInfo) -> str:
+    where = f"{env_name(name)}; default: {show_default(info.default)}"
+    # argparse treats % as a format character in help text.
+    text = f"{info.description.rstrip('.')}. [{where}]" if info.description else f"[{where}]"
+    return text.replace("%", "%%")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps at spaces only, so model names and choices such as backoff-then-standard stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+
+class _SecretFlag(argparse.Action):
+    """`--api-key` is refused with one line that never repeats the value it was given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:  # fmt: skip
+        raise SystemExit(
+            f"flex-proxy: {option_string} is not a flag: set {env_name(self.dest)} in the environment instead. "
+            "Keys are read only from the environment, because a command line shows in `ps` to every user of "
+            "the machine and stays in shell history."
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line; a mistyped flag gets the nearest real one."""
+        hint = ""
+        if message.startswith("unrecognized arguments: "):
+            given = message.removeprefix("unrecognized arguments: ").split()[0].split("=")[0]
+            flags = [o for action in self._actions for o in action.option_strings]
+            close = difflib.get_close_matches(given, flags, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        self.exit(2, f"{self.prog}: {message}{hint}; see {self.prog} --help\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    secrets = [name for name, info in Settings.model_fields.items() if is_secret(info)]
+    parser = _Parser(
         prog="flex-proxy",
         description=DESCRIPTION,
-        epilog="Every flag can also be set as FLEX_PROXY_<NAME> in the environment. "
-        "`flex-proxy simulate --help` runs a simulated OpenAI upstream instead.",
+        formatter_class=_Formatter,
+        epilog="Every flag can also be set as FLEX_PROXY_<NAME> in the environment; a flag wins over its variable. "
+        f"{' and '.join(map(env_name, secrets))} are read from the environment only, so keys stay out of `ps` "
+        "and shell history. `flex-proxy simulate --help` runs a simulated OpenAI upstream instead.",
     )
+    parser.add_argument("--version", action="version", version=f"flex-proxy {version()}")
     for name, info in Settings.model_fields.items():
-        env = "FLEX_PROXY_" + name.upper()
-        if name in ("api_key", "client_keys"):
-            continue  # secrets come from the environment only, never from a command line others can read
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=None, metavar="VALUE",
-            help=f"{env} (default: {_default(info.default)})",
-        )  # fmt: skip
+        flag = "--" + name.replace("_", "-")
+        if name in secrets:
+            parser.add_argument(flag, dest=name, nargs="?", action=_SecretFlag, help=argparse.SUPPRESS)
+            continue
+        parser.add_argument(flag, dest=name, default=None, metavar=_metavar(name, info), help=_help(name, info))
     return parser
-
-
-def _default(value: object) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return str(value)
 
 
 def load_settings(argv: list[str]) -> Settings:
@@ -49,9 +164,125 @@ def load_settings(argv: list[str]) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = error["loc"][0] if error["loc"] else ""
-        name = f"FLEX_PROXY_{str(loc).upper()}: " if loc else ""
+        name = f"{env_name(str(loc))}: " if loc else ""
         message = str(error["msg"]).removeprefix("Value error, ")
         raise SystemExit(f"flex-proxy: invalid setting {name}{message}") from None
+
+
+def unknown_variables(environ: Iterable[str]) -> list[str]:
+    """One warning per FLEX_PROXY_* variable that names no setting (a typo, most likely); the proxy ignores it."""
+    known = {env_name(name) for name in Settings.model_fields}
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(PREFIX) or upper in known:
+            continue
+        if upper.startswith(_SERVICE_LINK):
+            why = "Kubernetes service links set it for a Service named flex-proxy: set enableServiceLinks: false"
+        else:
+            close = difflib.get_close_matches(upper, known, n=1)
+            why = f"did you mean {close[0]}?" if close else "see flex-proxy --help for the settings"
+        warnings.append(f"{variable} is not a flex-proxy setting and is ignored ({why})")
+    return warnings
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Settings that are valid but probably not what the operator meant."""
+    warnings = []
+    if not settings.flex_models:
+        # A warning, not a refusal: an empty list is a real choice (flex only for requests that ask for it).
+        warnings.append(
+            f"{env_name('flex_models')} is empty: no request goes on flex unless it asks (X-Flex-Tier: flex, or its "
+            f"own service_tier); unset {env_name('flex_models')} for the default list of flex models"
+        )
+    return warnings
+
+
+def key_mode(settings: Settings) -> str:
+    """client-keys: clients show one of ours and get the proxy's key; own-key: the proxy's key for requests
+    without one; pass-through: each client's own key goes upstream."""
+    if settings.client_keys:
+        return "client-keys"
+    return "own-key" if settings.api_key else "pass-through"
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def started_fields(settings: Settings, listening: Sequence[socket.socket], prices: int) -> dict[str, Any]:
+    return {
+        "version": version(),
+        "listen": ",".join("http://" + host_port(*s.getsockname()[:2]) for s in listening),
+        "upstream": settings.upstream_base_url,
+        "strategy": settings.on_unavailable,
+        "keys": key_mode(settings),
+        "flex_patterns": len(settings.flex_models),
+        "prices": prices,
+    }
+
+
+def _log(fmt: str, level: int, message: str, fields: Mapping[str, Any] | None = None) -> None:
+    """A line of the proxy's own: in JSON mode the fields are members of its object, in text mode key=value."""
+    logger = logging.getLogger(LOGGER)
+    if fmt == "json":
+        logger.log(level, message, extra={"fields": dict(fields or {})})
+    else:
+        logger.log(level, " ".join([message, *(f"{k}={text_value(v)}" for k, v in (fields or {}).items())]))
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bind every address `host` resolves to, as uvicorn would, so a busy port fails before start-up.
+
+    SO_REUSEADDR is set (a restart need not wait for old connections in TIME_WAIT) and IPv6 sockets are
+    IPv6-only, as asyncio makes them; the backlog is BACKLOG.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SystemExit(f"flex-proxy: cannot listen on {host}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, _, _, _, sockaddr in dict.fromkeys((i[0], i[1], i[2], i[3], i[4][:2]) for i in infos):
+            sockets.append(socket.create_server(sockaddr, family=family, backlog=BACKLOG))
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise SystemExit(f"flex-proxy: cannot listen on {host_port(host, port)}: {_why(exc)}") from None
+    return sockets
+
+
+def _why(exc: OSError) -> str:
+    reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+    if exc.errno == errno.EADDRINUSE:
+        return reason + " (another process holds the port; stop it, or choose another with --port or FLEX_PROXY_PORT)"
+    if exc.errno == errno.EACCES:
+        return reason + " (ports below 1024 need privileges; choose another with --port or FLEX_PROXY_PORT)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return reason + " (no interface of this machine has that address; see --host or FLEX_PROXY_HOST)"
+    return reason
+
+
+def _count_prices(path: Path | None) -> int:
+    """Models with a price; a price file that does not parse stops start-up with one line."""
+    try:
+        return len(PriceTable.load(path).models)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        where = f"FLEX_PROXY_PRICES_FILE {path}" if path else "the packaged price table"
+        raise SystemExit(f"flex-proxy: cannot read prices from {where}: {type(exc).__name__}: {exc}") from None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which says once that it is listening, after the app's start-up completed."""
+
+    def __init__(self, config: uvicorn.Config, announce: Any) -> None:
+        super().__init__(config)
+        self.announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.announce()
 
 
 def _raise_open_file_limit() -> None:
@@ -83,9 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         from .sim.cli import main as simulate
 
         return simulate(argv[1:])
-    settings = load_settings(argv)
+    unknown = unknown_variables(os.environ)
+    try:
+        settings = load_settings(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a bad setting: a mistyped variable may be why
+            for warning in unknown:
+                print(f"flex-proxy: warning: {warning}", file=sys.stderr)
+        raise
     configure(settings.log_level, settings.log_format)
+    for warning in unknown + settings_warnings(settings):
+        _log(settings.log_format, logging.WARNING, warning)
     _raise_open_file_limit()
+    sockets = listen(settings.host, settings.port)
+    prices = _count_prices(settings.prices_file)
     from .app import create_app
 
     config = uvicorn.Config(
@@ -93,16 +335,21 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # logs.configure already set uvicorn's loggers up in the proxy's format
         access_log=False,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         http="httptools",
         lifespan="on",
-        backlog=4096,
+        backlog=BACKLOG,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         proxy_headers=False,  # the client address is not used, so X-Forwarded-* need not be parsed
         server_header=False,
         date_header=False,
     )
+
+    def announce() -> None:
+        _log(settings.log_format, logging.INFO, "flex-proxy started", started_fields(settings, sockets, prices))
+
     _tune_gc()
-    uvicorn.Server(config).run()
+    _Server(config, announce).run(sockets=sockets)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 
 from aiohttp import web
 
@@ -55,6 +57,17 @@ def options_from(args: argparse.Namespace) -> SimOptions:
     )
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a busy port is one line rather than a traceback from inside the server."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=4096)
+    except OSError as exc:
+        # create_server re-raises with the address in strerror; name lookups (gaierror) have negative numbers.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
+        raise SystemExit(f"flex-proxy simulate: cannot listen on {host}:{port}: {reason.lower()}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, serve until a signal, return the exit status."""
     parser = build_parser()
@@ -63,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from(args)
     except ValueError as exc:
         parser.error(str(exc))
-    url = f"http://{args.host}:{args.port}"
+    sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]  # the real one, when --port 0 let the system choose
+    url = f"http://[{args.host}]:{port}" if ":" in args.host else f"http://{args.host}:{port}"
     line = (
         f"flex-proxy simulate: fake OpenAI upstream listening on {url}/v1 "
         f"(point the proxy at it with FLEX_PROXY_UPSTREAM_BASE_URL={url}/v1)"
@@ -75,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     web.run_app(
         create_sim_app(Simulator(options)),
-        host=args.host,
-        port=args.port,
+        sock=sock,
         access_log=None,
         print=announce,
         backlog=4096,
