@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .logs import AccessLog
 from .metrics import Metrics, tier_label
-from .pricing import PriceTable, Usage, price
+from .pricing import Costing, PriceTable, Usage, price
+
+# Outcomes after which upstream may have billed work whose usage the proxy never saw (it was not read to its
+# end): counted apart, since the cost metrics cannot price them (shared/reference/openai-api.md §9).
+_UNREAD = frozenset({"timeout", "client_deadline", "client_disconnected", "stream_cut"})
 
 
 @dataclass
@@ -16,6 +21,7 @@ class Record:
     endpoint: str
     method: str = "POST"
     path: str = ""
+    client: str = "default"
     model: str | None = None
     requested_tier: str | None = None
     served_tier: str | None = None
@@ -39,20 +45,67 @@ class Record:
             (b"x-flex-served-tier", (self.served_tier or "none").encode()),
         ]
 
+    def fields(self, duration: float) -> dict[str, Any]:
+        """The access log line's fields."""
+        usage = self.usage
+        return {
+            "endpoint": self.endpoint,
+            "method": self.method,
+            "path": self.path if self.endpoint == "other" else None,
+            "client": self.client,
+            "model": self.model,
+            "stream": self.stream,
+            "requested_tier": self.requested_tier,
+            "tier_reason": self.tier_reason,
+            "served_tier": self.served_tier,
+            "attempts": self.attempts,
+            "fallback": self.fell_back,
+            "outcome": self.outcome,
+            "status": self.status,
+            "input_tokens": usage.input if usage else None,
+            "cached_tokens": usage.cached_input if usage else None,
+            "output_tokens": usage.output if usage else None,
+            "cost_usd": self.cost_usd,
+            "saved_usd": self.saved_usd,
+            "backoff_s": round(self.backoff_s, 3),
+            "duration_ms": round(duration * 1000, 1),
+            "upstream_request_id": self.request_id,
+        }
+
+
+def tier_labels(rec: Record) -> tuple[str, str]:
+    """The requested and served tier as metric labels: `none` where there is no tier (pass-through, no answer)."""
+    if rec.endpoint == "other":
+        return "none", "none"
+    answered = rec.outcome == "ok" or rec.usage is not None
+    return tier_label(rec.requested_tier), tier_label(rec.served_tier, missing="standard" if answered else "none")
+
+
+def price_record(rec: Record, prices: PriceTable) -> Costing | None:
+    """Price the record's usage at its served tier, when its model has a price; the saving is negative for an
+    answer sent on flex but served on another tier (what flex would have saved)."""
+    if rec.usage is None or rec.model is None:
+        return None
+    model_price = prices.resolve(rec.model)
+    if model_price is None:
+        return None
+    costing = price(model_price, rec.usage, rec.served_tier, sent_flex=rec.requested_tier == "flex")
+    if costing is None:  # no price for the tier that served it
+        return None
+    rec.cost_usd = float(costing.cost_usd)
+    rec.saved_usd = float(costing.saved_usd - costing.lost_usd)
+    return costing
+
 
 def account(rec: Record, duration: float, metrics: Metrics, prices: PriceTable, access_log: AccessLog) -> None:
     """Count the request, price its usage at the served tier, and write its log line."""
     model = metrics.model_label(rec.model)
-    served = tier_label(rec.served_tier)
-    metrics.requests.labels(rec.endpoint, model, tier_label(rec.requested_tier), served, rec.outcome).inc()
+    requested, served = tier_labels(rec)
+    metrics.requests.labels(rec.endpoint, model, rec.client, requested, served, rec.outcome).inc()
     metrics.duration.labels(rec.endpoint, rec.outcome).observe(duration)
     if rec.usage is not None and rec.model is not None:
-        model_price = prices.resolve(rec.model)
-        costing = None
-        if model_price is not None:
-            costing = price(model_price, rec.usage, rec.served_tier, sent_flex=rec.requested_tier == "flex")
-        metrics.account(model, served, rec.usage, costing)
-        if costing is not None:
-            rec.cost_usd = float(costing.cost_usd)
-            rec.saved_usd = float(costing.saved_usd)
-    access_log.write(rec, duration)
+        metrics.account(model, rec.client, served, rec.usage, price_record(rec, prices))
+    elif rec.attempts and rec.outcome in _UNREAD:
+        metrics.unread.labels(rec.endpoint, model, requested).inc()
+    if access_log.enabled:
+        access_log.write(rec.fields(duration))

@@ -16,10 +16,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .config import Settings
+from .gate import GateConfig, Gates
 from .logs import AccessLog
 from .metrics import Metrics
+from .observed import Observed
 from .pricing import PriceTable
-from .routes import ProxyApp, Services
+from .reporting import GateMetrics
+from .routes import ProxyApp
+from .services import Services
 from .upstream import Upstream
 
 
@@ -34,14 +38,27 @@ def create_app(
     settings = settings or Settings()
     disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every counter
     prices = PriceTable.load(settings.prices_file)
-    metrics = Metrics(known_models=prices.models)
+    metrics = Metrics(known_models=prices.families)
     upstream = Upstream(
         settings.upstream_base_url,
-        timeout_s=settings.upstream_timeout_s,
         connect_timeout_s=settings.connect_timeout_s,
+        idle_timeout_s=settings.stream_idle_timeout_s,
         max_connections=settings.max_connections,
     )
-    services = Services(settings, upstream, metrics, prices, AccessLog(settings.log_format), clock, sleep, rand)
+    gates = None
+    if settings.flex_gate:
+        config = GateConfig(
+            probe_initial_s=settings.gate_probe_initial_s,
+            probe_max_s=max(settings.gate_probe_max_s, settings.gate_probe_initial_s),
+            max_retry_after_s=settings.max_retry_after_s,
+            max_waiting=settings.gate_max_waiting,
+            max_in_flight=settings.flex_max_in_flight,
+        )
+        gates = Gates(config, clock, GateMetrics(metrics))
+    observed = Observed(settings.standard_reserve_s, settings.standard_reserve_min_s, settings.standard_reserve_max_s)
+    services = Services(
+        settings, upstream, metrics, prices, AccessLog(settings.log_format), gates, observed, clock, sleep, rand
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

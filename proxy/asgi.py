@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import quote
 
 from .errors import BodyTooLarge, FlexProxyError
 
@@ -18,11 +19,25 @@ class ClientGone(Exception):
     """The client disconnected before the proxy answered."""
 
 
+class ResponseAborted(Exception):
+    """A response that began cannot be completed honestly: the server must drop the connection mid-body.
+
+    Raised out of the ASGI app on purpose; uvicorn then closes the connection without ending the body."""
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def raw_path(scope: Scope) -> str:
+    """The request path exactly as the client sent it (escapes untouched), without the query string."""
+    raw = scope.get("raw_path")
+    if raw:
+        return str(raw.decode("latin-1")).partition("?")[0]
+    return quote(scope["path"], safe="/:@!$&'()*+,;=-._~")
 
 
 async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:

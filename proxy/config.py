@@ -28,6 +28,10 @@ def _split(value: Any) -> Any:
     return value
 
 
+def _is_token(key: str) -> bool:
+    return bool(key) and all(33 <= ord(c) < 127 for c in key)
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -42,30 +46,71 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FLEX_PROXY_", frozen=True, extra="forbid", allow_inf_nan=False)
 
-    upstream_base_url: str = "https://api.openai.com/v1"
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    on_unavailable: Strategy = "backoff-then-standard"
-    max_flex_attempts: int = Field(4, ge=1, le=100)
-    backoff_initial_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
-    flex_budget_s: float = Field(120.0, ge=0)
-    standard_reserve_s: float = Field(60.0, ge=0)
-    standard_tier: Literal["auto", "default", "omit"] = "auto"
-    override_client_tier: bool = False
-    inject_background: bool = False
-    max_retries: int = Field(2, ge=0, le=20)
-    upstream_timeout_s: float = Field(900.0, gt=0)
-    connect_timeout_s: float = Field(10.0, gt=0)
-    max_connections: int = Field(10_000, ge=1)
-    max_body_mb: float = Field(64.0, gt=0, le=4096)
-    flex_models: Annotated[tuple[str, ...], NoDecode] = DEFAULT_FLEX_MODELS
-    api_key: SecretStr | None = None
-    client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
-    prices_file: Path | None = None
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
-    shutdown_grace_s: float = Field(30.0, ge=0)
+    upstream_base_url: str = Field("https://api.openai.com/v1", description="where /v1/<rest> goes: <base>/<rest>")
+    host: str = Field("127.0.0.1", description="address to listen on (loopback unless you mean otherwise)")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    on_unavailable: Strategy = Field(
+        "backoff-then-standard", description="what to do when flex has no capacity: " + " | ".join(STRATEGIES)
+    )
+    max_flex_attempts: int = Field(4, ge=1, le=100, description="flex attempts per request, the first included")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first backoff cap for retries; doubles each retry")
+    backoff_max_s: float = Field(30.0, gt=0, description="largest backoff cap")
+    min_backoff_s: float = Field(0.25, ge=0, description="shortest wait between two attempts of one request")
+    max_retry_after_s: float = Field(
+        60.0, ge=0, description="longest upstream retry-after the proxy sleeps through; longer ones are answered now"
+    )
+    flex_budget_s: float = Field(120.0, ge=0, description="how long one request may keep waiting for flex")
+    standard_reserve_s: float = Field(
+        15.0, ge=0, description="time kept for the standard re-send before a deadline, until standard is measured"
+    )
+    standard_reserve_min_s: float = Field(2.0, ge=0, description="smallest learned standard reserve")
+    standard_reserve_max_s: float = Field(120.0, ge=0, description="largest learned standard reserve")
+    standard_tier: Literal["auto", "default", "omit"] = Field(
+        "auto", description="tier of the standard re-send: auto, default, or omit (drop the field)"
+    )
+    override_client_tier: bool = Field(
+        False, description="put eligible requests on flex even when the client set a tier"
+    )
+    inject_background: bool = Field(False, description="put background:true Responses requests on flex too")
+    max_retries: int = Field(2, ge=0, le=20, description="re-sends for rate limits, 5xx, 408 and refused connections")
+    upstream_timeout_s: float = Field(
+        900.0, gt=0, description="time to an answer's first byte on flex, and the cap for every tier"
+    )
+    standard_timeout_s: float = Field(600.0, gt=0, description="time to an answer's first byte on other tiers")
+    stream_idle_timeout_s: float = Field(
+        300.0, gt=0, description="longest silence between events once a stream has started"
+    )
+    request_budget_s: float = Field(
+        900.0, gt=0, description="time for an answer to start when the client states no deadline"
+    )
+    retry_read_timeouts: bool = Field(
+        False, description="re-send a request upstream accepted but did not answer in time (may pay twice)"
+    )
+    reset_retry_window_s: float = Field(
+        2.0, ge=0, description="a connection dropped this soon after sending, before any answer, is re-sent"
+    )
+    flex_gate: bool = Field(True, description="share one view of flex capacity per model family (the flex gate)")
+    gate_scope: Literal["model", "model+key"] = Field(
+        "model", description="what one gate covers: a model family, or a family per upstream key"
+    )
+    gate_probe_initial_s: float = Field(0.25, gt=0, description="a busy gate's first probe interval; doubles")
+    gate_probe_max_s: float = Field(1.0, gt=0, description="a busy gate's longest probe interval")
+    gate_max_waiting: int = Field(10_000, ge=0, description="requests that may wait in one gate")
+    flex_max_in_flight: int = Field(0, ge=0, description="flex requests in flight per gate; 0 = no cap")
+    connect_timeout_s: float = Field(10.0, gt=0, description="upstream connect timeout")
+    max_connections: int = Field(10_000, ge=1, description="upstream connection pool size")
+    max_body_mb: float = Field(64.0, gt=0, le=4096, description="largest model-request body, in MiB (413 above)")
+    flex_models: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_FLEX_MODELS, description="comma-separated glob patterns of flex-capable models"
+    )
+    api_key: SecretStr | None = Field(None, description="OpenAI key for requests that carry none (environment only)")
+    client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="comma-separated keys clients must present (environment only)"
+    )
+    prices_file: Path | None = Field(None, description="JSON price file that extends or replaces the packaged table")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="text or json; json makes every line JSON")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
 
     @field_validator("flex_models", "client_keys", mode="before")
     @classmethod
@@ -75,7 +120,18 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()  # a Secret made from a file often ends with a newline
         return None if value == "" else value
+
+    @field_validator("api_key", "client_keys")
+    @classmethod
+    def _printable_keys(cls, value: Any) -> Any:
+        keys = value if isinstance(value, tuple) else (value,)
+        for key in keys:
+            if key is not None and not _is_token(key.get_secret_value()):
+                raise ValueError("a key may not contain spaces or control characters (the value is not shown)")
+        return value
 
     @field_validator("upstream_base_url")
     @classmethod
@@ -100,9 +156,15 @@ class Settings(BaseSettings):
                 f"FLEX_PROXY_CLIENT_KEYS is required: FLEX_PROXY_API_KEY is set and the proxy listens on "
                 f"{self.host}, a non-loopback address, so without client keys anyone who reaches it spends your key"
             )
+        if self.standard_reserve_max_s < self.standard_reserve_min_s:
+            raise ValueError("FLEX_PROXY_STANDARD_RESERVE_MAX_S must be at least FLEX_PROXY_STANDARD_RESERVE_MIN_S")
         if self.client_keys and not self.api_key:
             raise ValueError("FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY, the key used for those clients")
         return self
+
+    def first_byte_timeout_s(self, on_flex: bool) -> float:
+        """How long an attempt may wait for its answer to start: flex may be silent for many minutes."""
+        return self.upstream_timeout_s if on_flex else min(self.standard_timeout_s, self.upstream_timeout_s)
 
     @property
     def max_body_bytes(self) -> int:

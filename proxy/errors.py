@@ -1,10 +1,14 @@
 """One error tree for the proxy, and the OpenAI-shaped envelope every error reaches the client in.
 
     FlexProxyError
-    ├── ClientError            the request itself is wrong (400, 401, 413)
-    └── UpstreamError          the upstream could not give an answer (502)
-        ├── UpstreamUnreachable   connection refused, reset or dropped before an answer (502)
-        └── UpstreamTimeout       no answer within the time allowed (504)
+    ├── ClientError               the request itself is wrong (400, 401, 413)
+    └── UpstreamError             the upstream could not give an answer (502)
+        ├── UpstreamUnreachable   no connection could be made: nothing was sent (502)
+        ├── UpstreamDropped       the connection closed or reset before any answer byte (502)
+        ├── UpstreamIncomplete    the answer was cut after it began (502)
+        ├── FlexBusy              flex stayed without capacity for as long as the request could wait (429)
+        └── UpstreamTimeout       no answer within the tier's time (504)
+            └── DeadlineExceeded  no answer before the client's own deadline (504)
 """
 
 from __future__ import annotations
@@ -57,13 +61,41 @@ class UpstreamError(FlexProxyError):
     type = "upstream_error"
     code = "upstream_error"
     outcome = "unreachable"  # the request's outcome label in metrics and logs
+    status_class = "connection_error"  # the attempt's label in flexproxy_upstream_attempts_total
+
+    def __init__(self, message: str, *, elapsed_s: float = 0.0, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.elapsed_s = elapsed_s  # from sending the request to the failure
 
 
 class UpstreamUnreachable(UpstreamError):
     code = "upstream_unreachable"
 
 
+class UpstreamDropped(UpstreamError):
+    code = "upstream_disconnected"
+
+
+class UpstreamIncomplete(UpstreamError):
+    code = "upstream_incomplete"
+    outcome = "stream_cut"
+
+
+class FlexBusy(UpstreamError):
+    status = 429
+    type = "rate_limit_error"
+    code = "flex_unavailable"
+    outcome = "flex_unavailable"
+    status_class = "429"
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
     outcome = "timeout"
+    status_class = "timeout"
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    code = "deadline_exceeded"
+    outcome = "client_deadline"

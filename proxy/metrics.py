@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from .pricing import Costing, Usage, family_of
 
-TIERS = frozenset({"flex", "default", "auto", "priority", "scale", "fast", "ultrafast"})
+# How a tier reads in every label: standard stands for default, auto and no tier at all on a model request.
+_TIER_LABELS = {
+    "flex": "flex", "default": "standard", "auto": "standard", "standard": "standard", "priority": "priority",
+    "scale": "priority", "fast": "priority", "ultrafast": "priority",
+}  # fmt: skip
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
-MAX_MODEL_LABELS = 64  # models outside the price table get their own label until this many, then "other"
+ENDPOINTS = ("chat", "responses", "compact", "other")
 
 
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -32,24 +35,31 @@ class Labelled(Generic[M]):
         return child
 
 
-def tier_label(tier: object) -> str:
+def tier_label(tier: object, *, missing: str = "standard") -> str:
+    """flex | standard | priority | other; `missing` where no tier was given (standard on a model request)."""
     if tier is None:
-        return "none"
-    return tier if isinstance(tier, str) and tier in TIERS else "other"
+        return missing
+    return _TIER_LABELS.get(tier, "other") if isinstance(tier, str) else "other"
 
 
 class Metrics:
     """The proxy's metrics; names start with `flexproxy_`."""
 
-    def __init__(self, known_models: Iterable[str] = (), registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        known_models: Iterable[str] = (),
+        registry: CollectorRegistry | None = None,
+        clients: Iterable[str] = ("default",),
+        process: bool = True,
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._known = frozenset(known_models)
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
         r = self.registry
+        if process:
+            ProcessCollector(registry=r)  # open fds against the limit, memory, CPU
         self.requests = Labelled(Counter(
-            "flexproxy_requests", "Requests answered, by endpoint, model family, tiers and outcome.",
-            ["endpoint", "model", "requested_tier", "served_tier", "outcome"], registry=r,
+            "flexproxy_requests", "Requests answered, by endpoint, model family, client, tiers and outcome.",
+            ["endpoint", "model", "client", "requested_tier", "served_tier", "outcome"], registry=r,
         ))  # fmt: skip
         self.in_flight = Labelled(
             Gauge("flexproxy_requests_in_flight", "Requests being served.", ["endpoint"], registry=r)
@@ -70,19 +80,28 @@ class Metrics:
             ["endpoint", "model"], registry=r,
         ))  # fmt: skip
         self.tokens = Labelled(Counter(
-            "flexproxy_tokens", "Tokens reported by upstream, by served tier and kind.",
-            ["model", "tier", "kind"], registry=r,
+            "flexproxy_tokens", "Tokens reported by upstream, by client, served tier and kind.",
+            ["model", "client", "tier", "kind"], registry=r,
         ))  # fmt: skip
-        self.cost = Labelled(
-            Counter("flexproxy_cost_usd", "Spend in USD at the served tier.", ["model", "tier"], registry=r)
-        )
+        self.cost = Labelled(Counter(
+            "flexproxy_cost_usd", "Spend in USD at the served tier.", ["model", "client", "tier"], registry=r
+        ))  # fmt: skip
         self.saved = Labelled(Counter(
             "flexproxy_cost_saved_usd", "USD saved: standard price minus flex price of answers served on flex.",
-            ["model"], registry=r,
+            ["model", "client"], registry=r,
         ))  # fmt: skip
         self.lost = Labelled(Counter(
             "flexproxy_savings_lost_usd", "USD flex would have saved on requests sent flex but served standard.",
-            ["model"], registry=r,
+            ["model", "client"], registry=r,
+        ))  # fmt: skip
+        self.unread = Labelled(Counter(
+            "flexproxy_unread_answers", "Requests upstream accepted whose answer was never read to its end "
+            "(timeouts, cuts, clients that left): upstream may bill them, and their usage is unknown.",
+            ["endpoint", "model", "tier"], registry=r,
+        ))  # fmt: skip
+        self.shadow_saved = Labelled(Counter(
+            "flexproxy_shadow_savings_usd", "Shadow mode: USD these answers would have saved on flex.",
+            ["model", "client"], registry=r,
         ))  # fmt: skip
         self.unpriced = Labelled(Counter(
             "flexproxy_unpriced_responses", "Answers with usage but no price for their model and tier.",
@@ -97,40 +116,64 @@ class Metrics:
             ["endpoint"], buckets=DURATION_BUCKETS, registry=r,
         ))  # fmt: skip
         self.ttfb = Labelled(Histogram(
-            "flexproxy_upstream_ttfb_seconds", "Time from sending an attempt to its response headers.",
+            "flexproxy_upstream_ttfb_seconds", "Time from sending an attempt to its answer's headers (answers only).",
             ["endpoint", "tier"], buckets=DURATION_BUCKETS, registry=r,
         ))  # fmt: skip
+        self.gate_busy = Labelled(
+            Gauge("flexproxy_gate_busy", "1 while the flex gate of a model family is busy.", ["model"], registry=r)
+        )
+        self.gate_waiting = Labelled(
+            Gauge("flexproxy_gate_waiting", "Requests waiting in the flex gate.", ["model"], registry=r)
+        )
+        self.gate_probes = Labelled(Counter(
+            "flexproxy_gate_probes", "Probes sent by a busy flex gate, by result.", ["model", "result"], registry=r
+        ))  # fmt: skip
+        self.gate_wait = Labelled(Histogram(
+            "flexproxy_gate_wait_seconds", "Time one request waited in the flex gate.",
+            ["model"], buckets=DURATION_BUCKETS, registry=r,
+        ))  # fmt: skip
+        self.gate_transitions = Labelled(Counter(
+            "flexproxy_gate_transitions", "Flex gate state changes.", ["model", "to"], registry=r
+        ))  # fmt: skip
+        self.loop_lag = Gauge(
+            "flexproxy_event_loop_lag_seconds", "How late the event loop ran a timer, last measured.", registry=r
+        )
+        self._initialise(clients)
+
+    def _initialise(self, clients: Iterable[str]) -> None:
+        """Create the label sets a quiet proxy has, so its panels read 0 rather than "No data"."""
+        for endpoint in ENDPOINTS:
+            self.in_flight.labels(endpoint)
+            self.duration.labels(endpoint, "ok")
+        for client in clients:
+            for model in self._known:
+                self.saved.labels(model, client)
+                self.lost.labels(model, client)
+                for tier in ("flex", "standard"):
+                    self.cost.labels(model, client, tier)
 
     def model_label(self, model: object) -> str:
-        """The price-table family, else the model name while few are seen, else "other"."""
+        """The price-table family, else "other" (a typo must not get a label of its own); "none" for no model."""
         if not isinstance(model, str) or not model:
             return "none"
         family = family_of(model)
-        if family in self._known:
-            return family
-        if model in self._seen:
-            return model
-        with self._lock:
-            if len(self._seen) < MAX_MODEL_LABELS and len(model) <= 64 and model.isprintable():
-                self._seen.add(model)
-                return model
-        return "other"
+        return family if family in self._known else "other"
 
-    def account(self, model: str, tier: str, usage: Usage, costing: Costing | None) -> None:
+    def account(self, model: str, client: str, tier: str, usage: Usage, costing: Costing | None) -> None:
         for kind, count in (
             ("input", usage.input), ("cached_input", usage.cached_input),
             ("output", usage.output), ("reasoning", usage.reasoning),
         ):  # fmt: skip
             if count:
-                self.tokens.labels(model, tier, kind).inc(count)
+                self.tokens.labels(model, client, tier, kind).inc(count)
         if costing is None:
             self.unpriced.labels(model, tier).inc()
             return
-        self.cost.labels(model, tier).inc(float(costing.cost_usd))
+        self.cost.labels(model, client, tier).inc(float(costing.cost_usd))
         if costing.saved_usd:
-            self.saved.labels(model).inc(float(costing.saved_usd))
+            self.saved.labels(model, client).inc(float(costing.saved_usd))
         if costing.lost_usd:
-            self.lost.labels(model).inc(float(costing.lost_usd))
+            self.lost.labels(model, client).inc(float(costing.lost_usd))
 
 
 def status_class(status: int | None, error: str | None = None) -> str:

@@ -1,10 +1,14 @@
-"""Every /v1 request that is not a model request: forwarded unchanged, bodies streamed both ways."""
+"""Every /v1 request that is not a model request: forwarded unchanged, bodies streamed both ways, the answer's
+bytes (and its length and encoding) passed back as they came."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from .accounting import Record
-from .asgi import ClientGone, DisconnectGuard, Receive, Responder, Scope, header, stream_body
-from .errors import UpstreamError
+from .asgi import ClientGone, DisconnectGuard, Receive, Responder, ResponseAborted, Scope, header, stream_body
+from .errors import UpstreamError, UpstreamTimeout
 from .upstream import Upstream, request_headers, response_headers
 
 
@@ -16,25 +20,33 @@ async def passthrough(
     out: Responder,
     guard: DisconnectGuard,
     authorization: str | None,
+    first_byte_timeout_s: float,
 ) -> None:
-    """One attempt, no retries: these endpoints are not all idempotent (uploads, batch creation)."""
-    headers = request_headers(scope["headers"], authorization)
+    """One attempt, no retries: these endpoints are not all idempotent (uploads, batch creation), and
+    upstream may already have done the work when an attempt fails."""
+    headers = request_headers(scope["headers"], authorization, raw=True)
     length = header(scope, b"content-length")
     chunked = (header(scope, b"transfer-encoding") or "").lower() == "chunked"
     body = None
+    upload = _Upload(receive, guard)
     if (length is not None and length != "0") or chunked:
-        body = stream_body(receive, guard.arm)  # watch for a disconnect once the body is all read
+        body = upload.chunks()  # watch for a disconnect once the body is all read
         if length is not None:
             headers["content-length"] = length
     else:
         guard.arm()
     rec.attempts = 1
     try:
-        response = await upstream.send(scope["method"], rec.path + query(scope), headers, body)
-    except UpstreamError as exc:
-        rec.outcome = exc.outcome
-        rec.status = exc.status
-        await out.error(exc, rec.flex_headers())
+        async with asyncio.timeout(first_byte_timeout_s):
+            response = await upstream.send(scope["method"], rec.path + query(scope), headers, body, raw=True)
+    except (UpstreamError, TimeoutError) as exc:
+        if upload.gone:  # the client stopped sending its body: nothing to answer
+            rec.outcome = "client_disconnected"
+            return
+        error = exc if isinstance(exc, UpstreamError) else UpstreamTimeout("The upstream API did not answer in time.")
+        rec.outcome = error.outcome
+        rec.status = error.status
+        await out.error(error, rec.flex_headers())
         return
     except ClientGone:
         rec.outcome = "client_disconnected"
@@ -43,15 +55,36 @@ async def passthrough(
         rec.status = response.status
         rec.request_id = response.headers.get("x-request-id")
         rec.outcome = "ok" if response.status < 400 else "upstream_error"
-        await out.start(response.status, [*response_headers(response.headers), (b"x-flex-attempts", b"1")])
+        answer_headers = response_headers(response.raw_headers, raw=True)
+        await out.start(response.status, [*answer_headers, (b"x-flex-attempts", b"1")])
         try:
             async for chunk in response.chunks():
                 await out.write(chunk)
-        except UpstreamError:
-            rec.outcome = "stream_cut"  # the status is sent: all that is left is to end the body early
+        except UpstreamError as exc:
+            # The status is sent: the only honest end left is to abort the response, so the client sees a cut
+            # body (short of its content-length, or without the last chunk), never a complete-looking one.
+            rec.outcome = "stream_cut"
+            raise ResponseAborted(exc.message) from exc
         await out.finish()
     finally:
         response.close()
+
+
+class _Upload:
+    """The client's request body as it arrives, noting whether the client went away in the middle of it."""
+
+    def __init__(self, receive: Receive, guard: DisconnectGuard) -> None:
+        self._receive = receive
+        self._guard = guard
+        self.gone = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream_body(self._receive, self._guard.arm):
+                yield chunk
+        except ClientGone:
+            self.gone = True
+            raise
 
 
 def query(scope: Scope) -> str:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import STRATEGIES, Settings
-from .errors import ClientError
+from .errors import (
+    ClientError,
+    DeadlineExceeded,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamIncomplete,
+    UpstreamTimeout,
+)
 
 BILLING_CODES = frozenset({
     "insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
@@ -32,18 +39,27 @@ class Outcome(enum.Enum):
     TIER_REJECTED = "tier_rejected"
     FLEX_UNAVAILABLE = "flex_unavailable"
     RATE_LIMITED = "rate_limited"
-    SERVER_ERROR = "server_error"
-    TIMEOUT = "timeout"
-    CONNECTION = "unreachable"
+    SERVER_ERROR = "server_error"  # a 5xx or 408 that came back as such
+    UNREACHABLE = "unreachable"  # no connection: nothing was sent
+    DROPPED_EARLY = "dropped_early"  # closed or reset before any answer byte, soon after sending
+    DROPPED = "dropped"  # closed or reset before any answer byte, after a silence: upstream may be working
+    TIMEOUT = "timeout"  # accepted, and no answer within the tier's time
+    DEADLINE = "client_deadline"  # no answer before the client's own deadline
+    INCOMPLETE = "stream_cut"  # the answer began, then was cut
 
 
+# Which outcomes may be re-sent, and why upstream cannot have billed the attempt that produced them
+# (shared/reference/openai-api.md §9: accepted work may be billed even when nobody reads the answer).
 RETRY_REASON = {
-    Outcome.FLEX_UNAVAILABLE: "flex_unavailable",
-    Outcome.RATE_LIMITED: "rate_limited",
-    Outcome.SERVER_ERROR: "server_error",
-    Outcome.TIMEOUT: "timeout",
-    Outcome.CONNECTION: "connection",
+    Outcome.FLEX_UNAVAILABLE: "flex_unavailable",  # a 429 is refused work; flex 429s are documented as not charged
+    Outcome.RATE_LIMITED: "rate_limited",  # a 429 is refused work
+    Outcome.SERVER_ERROR: "server_error",  # the 5xx/408 answer itself says the work was not done
+    Outcome.UNREACHABLE: "connection",  # no connection was made: upstream never saw the request
+    Outcome.DROPPED_EARLY: "connection",  # refused at once (a stale pooled connection, a reset): not started
+    Outcome.TIMEOUT: "timeout",  # NOT safe: re-sent only when the operator opts in (FLEX_PROXY_RETRY_READ_TIMEOUTS)
 }
+# Never re-sent: DROPPED (a long silence before the drop means upstream may have done the work), DEADLINE,
+# INCOMPLETE (the answer had begun: the work was done), and every 4xx that no re-send can fix.
 
 
 def classify(status: int, error: Mapping[str, Any] | None, *, on_flex: bool) -> Outcome:
@@ -64,9 +80,7 @@ def classify(status: int, error: Mapping[str, Any] | None, *, on_flex: bool) -> 
         return Outcome.FLEX_UNAVAILABLE if on_flex else Outcome.RATE_LIMITED
     if status == 400 and (error or {}).get("param") == "service_tier":
         return Outcome.TIER_REJECTED
-    if status == 408:
-        return Outcome.TIMEOUT
-    if status >= 500:
+    if status >= 500 or status == 408:
         return Outcome.SERVER_ERROR
     return Outcome.CLIENT_ERROR
 
@@ -117,8 +131,14 @@ class Limits:
     max_retries: int
     backoff_initial_s: float
     backoff_max_s: float
-    flex_deadline: float  # clock time after which no new flex attempt starts
-    deadline: float  # clock time by which the client must have its answer
+    flex_deadline: float  # clock time after which no new flex attempt starts (nor waiting for one)
+    deadline: float  # clock time by which the client's answer must have started
+    started: float = 0.0  # clock time the request arrived
+    client_deadline: bool = False  # the deadline is the client's own, not the proxy's budget
+    min_backoff_s: float = 0.0
+    max_retry_after_s: float = math.inf
+    retry_read_timeouts: bool = False
+    reset_window_s: float = 0.0
 
 
 def parse_strategy(value: str | None, default: str) -> str:
@@ -135,20 +155,47 @@ def parse_strategy(value: str | None, default: str) -> str:
     return strategy
 
 
-def limits_for(settings: Settings, strategy: str, now: float, client_timeout: str | None) -> Limits:
-    """Retry limits for one request; the client's read timeout (x-stainless-read-timeout) is the hard deadline."""
-    deadline = math.inf
-    if client_timeout is not None:
+def parse_deadline(value: str | None) -> str | None:
+    """X-Flex-Deadline-S: how many seconds the client will wait for its answer to start; checked, kept as text."""
+    if value is not None and client_wait_s(value) is None:
+        raise ClientError(
+            "X-Flex-Deadline-S must be a positive number of seconds.", param="X-Flex-Deadline-S", code="invalid_header"
+        )
+    return value
+
+
+def client_wait_s(*values: str | None) -> float | None:
+    """The shortest positive, finite number of seconds among the client's deadline headers."""
+    found = []
+    for value in values:
+        if value is None:
+            continue
         try:
-            seconds = float(client_timeout)
+            seconds = float(value)
         except ValueError:
-            seconds = math.nan
+            continue
         if math.isfinite(seconds) and seconds > 0:
-            # Answer a little before the client gives up, so it gets our error rather than its own timeout.
-            deadline = now + seconds - min(1.0, seconds * 0.05)
+            found.append(seconds)
+    return min(found, default=None)
+
+
+def limits_for(
+    settings: Settings, strategy: str, now: float, client_wait: float | None, standard_reserve_s: float
+) -> Limits:
+    """Limits for one request. Its deadline is the proxy's budget, or the client's own wait (from
+    x-stainless-read-timeout or X-Flex-Deadline-S) when that is shorter; `standard_reserve_s` is kept
+    free before it for a standard re-send."""
+    deadline = now + settings.request_budget_s
+    client_deadline = False
+    if client_wait is not None:
+        # Answer a little before the client gives up, so it gets our final error rather than its own timeout
+        # (after which the SDK would re-send, and upstream might do the work twice).
+        mine = now + client_wait - min(1.0, client_wait * 0.05)
+        if mine <= deadline:
+            deadline, client_deadline = mine, True
     flex_deadline = min(now + settings.flex_budget_s, deadline)
     if strategy == "backoff-then-standard":
-        flex_deadline = min(flex_deadline, deadline - settings.standard_reserve_s)
+        flex_deadline = min(flex_deadline, deadline - standard_reserve_s)
     return Limits(
         strategy=strategy,
         max_flex_attempts=settings.max_flex_attempts,
@@ -157,7 +204,26 @@ def limits_for(settings: Settings, strategy: str, now: float, client_timeout: st
         backoff_max_s=settings.backoff_max_s,
         flex_deadline=flex_deadline,
         deadline=deadline,
+        started=now,
+        client_deadline=client_deadline,
+        min_backoff_s=settings.min_backoff_s,
+        max_retry_after_s=settings.max_retry_after_s,
+        retry_read_timeouts=settings.retry_read_timeouts,
+        reset_window_s=settings.reset_retry_window_s,
     )
+
+
+def classify_failure(exc: UpstreamError, limits: Limits) -> Outcome:
+    """Sort an attempt that got no answer by what upstream may have done with the request."""
+    if isinstance(exc, UpstreamDropped):
+        return Outcome.DROPPED_EARLY if exc.elapsed_s <= limits.reset_window_s else Outcome.DROPPED
+    if isinstance(exc, DeadlineExceeded):
+        return Outcome.DEADLINE
+    if isinstance(exc, UpstreamTimeout):
+        return Outcome.TIMEOUT
+    if isinstance(exc, UpstreamIncomplete):
+        return Outcome.INCOMPLETE
+    return Outcome.UNREACHABLE
 
 
 @dataclass
@@ -188,10 +254,15 @@ MIN_ATTEMPT_S = 1.0  # a retry that leaves less time than this before the deadli
 
 
 def backoff_delay(limits: Limits, n: int, rand: float, floor: float | None) -> float:
-    """Full-jitter exponential backoff for the n-th retry (n from 0), never below the upstream's wait."""
+    """Full-jitter exponential backoff for the n-th retry (n from 0), never below the upstream's wait nor the
+    minimum gap (full jitter alone can draw zero, and three attempts in a blink help nobody)."""
     cap = min(limits.backoff_max_s, limits.backoff_initial_s * 2.0**n)
-    delay = rand * cap
-    return max(delay, floor) if floor is not None else delay
+    return max(rand * cap, limits.min_backoff_s, floor or 0.0)
+
+
+def wait_too_long(limits: Limits, now: float, retry_after: float | None, deadline: float) -> bool:
+    """Whether upstream asks for a longer wait than the proxy sleeps through, or than the time left."""
+    return retry_after is not None and (retry_after > limits.max_retry_after_s or now + retry_after > deadline)
 
 
 def suggested_wait_s(limits: Limits) -> int:
@@ -220,6 +291,10 @@ def next_action(
     reason = RETRY_REASON.get(outcome)
     if reason is None or progress.retries >= limits.max_retries:
         return ANSWER
+    if outcome is Outcome.TIMEOUT and not limits.retry_read_timeouts:
+        return ANSWER
+    if wait_too_long(limits, now, retry_after, limits.deadline - MIN_ATTEMPT_S):
+        return ANSWER  # the client gets the 429 and its retry-after now, rather than a proxy asleep
     delay = backoff_delay(limits, progress.retries, rand, retry_after)
     if now + delay + MIN_ATTEMPT_S > limits.deadline:
         return ANSWER
@@ -232,10 +307,21 @@ def _flex_unavailable(
     strategy = limits.strategy
     if strategy == "fail":
         return ANSWER
-    if strategy in ("backoff", "backoff-then-standard") and progress.flex_attempts < limits.max_flex_attempts:
+    if (
+        strategy in ("backoff", "backoff-then-standard")
+        and progress.flex_attempts < limits.max_flex_attempts
+        and not wait_too_long(limits, now, retry_after, limits.flex_deadline)
+    ):
         delay = backoff_delay(limits, progress.flex_attempts - 1, rand, retry_after)
         if now + delay <= limits.flex_deadline and now + delay + MIN_ATTEMPT_S <= limits.deadline:
             return Action(Step.RETRY, delay, "flex_unavailable")
     if strategy in ("standard", "backoff-then-standard") and now + MIN_ATTEMPT_S <= limits.deadline:
+        return Action(Step.FALLBACK, 0.0, "flex_unavailable")
+    return ANSWER
+
+
+def after_flex_wait(limits: Limits, now: float) -> Action:
+    """Flex did not open up in time for this request (or the strategy does not wait for it): the next step."""
+    if limits.strategy in ("standard", "backoff-then-standard") and now + MIN_ATTEMPT_S <= limits.deadline:
         return Action(Step.FALLBACK, 0.0, "flex_unavailable")
     return ANSWER

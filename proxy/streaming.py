@@ -8,10 +8,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An event ends with an empty line; a line ends with CRLF, LF or CR (the SSE spec), so any two line ends in a row
+# end an event: \n\n, \r\r, \r\n\r\n, \n\r\n, \r\n\n, \r\r\n, \n\r.
+_BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 _LINE = re.compile(rb"\r\n|\n|\r")
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# What a Responses stream says before any work is done: a flex error may still follow, and be retried.
+OPENING_RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.queued"})
 
 
 @dataclass(frozen=True)
@@ -33,14 +37,17 @@ class SSEDecoder:
         buffer += chunk
         events: list[Event] = []
         start = 0
-        # A boundary is at most 4 bytes long: it may straddle the old end of the buffer by 3.
-        for match in _BOUNDARY.finditer(buffer, max(0, self._scanned - 3)):
+        # A boundary is at most 4 bytes long: it may straddle the old end of the buffer by 3. A \r at the very end
+        # may be the first half of \r\n, so it waits for the next byte (or `flush`): an event's bytes are then the
+        # same however the network cut them.
+        end = len(buffer) - 1 if buffer.endswith(b"\r") else len(buffer)
+        for match in _BOUNDARY.finditer(buffer, max(0, self._scanned - 3), end):
             raw = bytes(buffer[start : match.end()])
             events.append(_parse_block(raw[: match.start() - start], raw))
             start = match.end()
         if start:
             del buffer[:start]
-        self._scanned = len(buffer)
+        self._scanned = max(0, end - start)
         return events
 
     @property
@@ -79,12 +86,16 @@ class StreamState:
 
     kind: str  # "chat" or "responses"
     strip_usage: bool  # the client did not ask for usage; the proxy did
+    expect_usage: bool = False  # a chat stream that was asked for usage ends with it
     served_tier: str | None = None
     usage_body: dict[str, Any] | None = None  # an object carrying `usage`, for pricing.usage_from
     error: dict[str, Any] | None = None
     finished: bool = False
+    committed: bool = False  # an event arrived that says the work is under way (not an opening or a comment)
     events: int = 0
     last_sequence: int = field(default=-1)
+    choices_open: set[int] = field(default_factory=set)  # chat choices seen without a finish_reason yet
+    choices_seen: bool = False
 
     def take(self, event: Event) -> bytes:
         """Note what the event says; return the bytes to send on (b"" to drop it)."""
@@ -93,7 +104,23 @@ class StreamState:
             return self._take_chat(event)
         return self._take_responses(event)
 
+    @property
+    def complete(self) -> bool:
+        """Whether the stream said all it had to: its terminal event, or for chat, every choice finished (and
+        the usage asked for came) even if `[DONE]` never did."""
+        if self.finished:
+            return True
+        return (
+            self.kind == "chat"
+            and self.choices_seen
+            and not self.choices_open
+            and (self.usage_body is not None or not self.expect_usage)
+        )
+
     def _take_chat(self, event: Event) -> bytes:
+        if not event.data and event.event is None:
+            return event.raw  # a comment or keep-alive: no news
+        self.committed = True
         if event.data.startswith(b"[DONE]"):
             self.finished = True
             return event.raw
@@ -106,6 +133,7 @@ class StreamState:
         tier = obj.get("service_tier")
         if isinstance(tier, str):
             self.served_tier = tier
+        self._note_choices(obj.get("choices"))
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage_body = obj
@@ -115,11 +143,25 @@ class StreamState:
             return _drop_null_usage(event.raw)
         return event.raw
 
+    def _note_choices(self, choices: Any) -> None:
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            if isinstance(choice, dict) and isinstance(choice.get("index"), int):
+                self.choices_seen = True
+                if choice.get("finish_reason"):
+                    self.choices_open.discard(choice["index"])
+                else:
+                    self.choices_open.add(choice["index"])
+
     def _take_responses(self, event: Event) -> bytes:
         obj = json_object(event.data)
         if obj is None:
+            self.committed = self.committed or bool(event.data)
             return event.raw
         kind = event.event or obj.get("type")
+        if kind not in OPENING_RESPONSE_EVENTS:
+            self.committed = True
         sequence = obj.get("sequence_number")
         if isinstance(sequence, int):
             self.last_sequence = sequence

@@ -8,14 +8,14 @@ large and cheap. Everything aiohttp-specific stays here so the choice can change
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from .errors import UpstreamDropped, UpstreamError, UpstreamIncomplete, UpstreamTimeout, UpstreamUnreachable
 from .rewrite import Parts
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes or must not pass on.
@@ -35,17 +35,25 @@ async def _pieces(parts: Parts) -> AsyncIterator[bytes | memoryview]:
 
 
 _RESPONSE_DROP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-connection", "te", "trailer",
-    "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "date", "server",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"content-length", b"content-encoding", b"set-cookie", b"date", b"server",
 })  # fmt: skip
+# A pass-through answer keeps its length and encoding: its body goes on as the bytes that came.
+_RAW_RESPONSE_DROP = _RESPONSE_DROP - {b"content-length", b"content-encoding"}
 
 
-def request_headers(headers: Iterable[tuple[bytes, bytes]], authorization: str | None) -> CIMultiDict[str]:
-    """Client headers fit to send upstream: no hop-by-hop, no cookies, no X-Flex-*, the chosen key."""
+def request_headers(
+    headers: Iterable[tuple[bytes, bytes]], authorization: str | None, *, raw: bool = False
+) -> CIMultiDict[str]:
+    """Client headers fit to send upstream: no hop-by-hop, no cookies, no X-Flex-*, the chosen key.
+
+    `raw` (pass-through) keeps the client's accept-encoding, since the answer goes back undecoded."""
     out: CIMultiDict[str] = CIMultiDict()
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1").lower()
-        if name in _HOP or name == "authorization" or name.startswith("x-flex-"):
+        if name in _HOP and not (raw and name == "accept-encoding"):
+            continue
+        if name == "authorization" or name.startswith("x-flex-"):
             continue
         out.add(name, raw_value.decode("latin-1"))
     if authorization:
@@ -53,13 +61,10 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]], authorization: str |
     return out
 
 
-def response_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    """Upstream headers fit to send to the client; content-length and encoding are the proxy's own."""
-    return [
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in headers.items()
-        if name.lower() not in _RESPONSE_DROP
-    ]
+def response_headers(raw_headers: Iterable[tuple[bytes, bytes]], *, raw: bool = False) -> list[tuple[bytes, bytes]]:
+    """Upstream headers fit to send to the client, as the bytes that came (a UTF-8 filename stays UTF-8)."""
+    drop = _RAW_RESPONSE_DROP if raw else _RESPONSE_DROP
+    return [(name.lower(), value) for name, value in raw_headers if name.lower() not in drop]
 
 
 @dataclass
@@ -70,11 +75,15 @@ class UpstreamResponse:
     headers: CIMultiDictProxy[str]
     _response: aiohttp.ClientResponse
 
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return self._response.raw_headers
+
     async def read(self) -> bytes:
         try:
             return await self._response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _translate(exc) from exc
+            raise _cut(exc) from exc
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Body bytes as they arrive; errors mid-body surface as our UpstreamError types."""
@@ -82,18 +91,17 @@ class UpstreamResponse:
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _translate(exc) from exc
+            raise _cut(exc) from exc
 
     def close(self) -> None:
         self._response.close()
 
 
-def _translate(exc: BaseException) -> UpstreamError:
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout("The upstream API did not answer in time.")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamUnreachable("The upstream API closed the connection in the middle of its answer.")
-    return UpstreamUnreachable(f"Could not reach the upstream API ({type(exc).__name__}).")
+def _cut(exc: BaseException) -> UpstreamError:
+    """A failure after the answer's headers: the work was done, so it is never re-sent."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout("The upstream API went silent in the middle of its answer.")
+    return UpstreamIncomplete("The upstream API closed the connection in the middle of its answer.")
 
 
 class Upstream:
@@ -103,15 +111,21 @@ class Upstream:
         self,
         base_url: str,
         *,
-        timeout_s: float,
         connect_timeout_s: float,
+        idle_timeout_s: float,
         max_connections: int,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._timeout_s = timeout_s
+        url = URL(self.base_url)
+        self.host = f"{url.host}:{url.port}" if url.port is not None else str(url.host)
         self._connect_timeout_s = connect_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._session is not None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -120,7 +134,6 @@ class Upstream:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout_s),
-            auto_decompress=True,
             skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -137,11 +150,13 @@ class Upstream:
         headers: CIMultiDict[str],
         body: bytes | Parts | AsyncIterable[bytes] | None,
         *,
-        timeout_s: float | None = None,
+        raw: bool = False,
     ) -> UpstreamResponse:
-        """One attempt: `path` is what follows /v1 (with its query string). The read timeout is per chunk."""
+        """One attempt: `path` is what follows /v1, escapes and query as the client sent them.
+
+        The caller bounds the wait for the answer's headers. A model answer (`raw` false) is decompressed for
+        reading; a pass-through answer (`raw`) is not, and its body reads time out after a silence."""
         assert self._session is not None, "Upstream.start() was not awaited"
-        read_timeout = self._timeout_s if timeout_s is None else max(0.001, min(timeout_s, self._timeout_s))
         data: bytes | AsyncIterable[bytes | memoryview] | AsyncIterable[bytes] | None = None
         if isinstance(body, tuple):
             size = sum(len(part) for part in body)
@@ -153,6 +168,8 @@ class Upstream:
                 data = b"".join(body)
         else:
             data = body
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
         try:
             response = await self._session.request(
                 method,
@@ -160,10 +177,31 @@ class Upstream:
                 headers=headers,
                 data=data,
                 allow_redirects=False,
+                auto_decompress=not raw,
+                skip_auto_headers=("User-Agent", "Accept-Encoding") if raw else None,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._connect_timeout_s, sock_read=read_timeout
+                    total=None, connect=self._connect_timeout_s, sock_read=self._idle_timeout_s if raw else None
                 ),
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _translate(exc) from exc
+            raise self._failure(exc, loop.time() - sent_at) from exc
         return UpstreamResponse(response.status, response.headers, response)
+
+    def _failure(self, exc: BaseException, elapsed: float) -> UpstreamError:
+        """Sort a failure before the answer's headers by what upstream may have done with the request."""
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return UpstreamUnreachable(f"Could not reach the upstream API at {self.host} ({_reason(exc)}).")
+        if isinstance(exc, TimeoutError):  # a pass-through's read timeout
+            return UpstreamTimeout("The upstream API did not answer in time.", elapsed_s=elapsed)
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return UpstreamIncomplete(f"The upstream API at {self.host} sent an answer the proxy could not read.")
+        return UpstreamDropped(
+            f"The upstream API at {self.host} closed the connection before answering ({_reason(exc)}).",
+            elapsed_s=elapsed,
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    text = getattr(cause, "strerror", None) or type(cause).__name__
+    return str(text)

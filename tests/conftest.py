@@ -107,6 +107,9 @@ def make_proxy(sim_server: SimServer) -> Iterator[Callable[..., ProxyServer]]:
             "upstream_base_url": sim_server.base_url,
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.05,
+            "min_backoff_s": 0.005,
+            "gate_probe_initial_s": 0.01,
+            "gate_probe_max_s": 0.05,
         }
         values.update(overrides)
         server = ProxyServer(Settings(**values), **({"rand": rand} if rand else {})).start()

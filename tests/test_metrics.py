@@ -9,6 +9,7 @@ import httpx
 import pytest
 from conftest import ProxyServer
 
+from proxy.logs import JsonFormatter
 from proxy.sim import Reply, Simulator
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -48,14 +49,14 @@ def test_a_fallback_counts_the_savings_lost_and_429s_cost_nothing(make_proxy, si
     proxy = make_proxy(max_flex_attempts=2)
     sim.script(Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(usage=USAGE))
     ask(proxy, "chat", stream=False)
-    assert proxy.metric("flexproxy_cost_usd_total", model="o3", tier="default") == pytest.approx(STANDARD_COST)
+    assert proxy.metric("flexproxy_cost_usd_total", model="o3", tier="standard") == pytest.approx(STANDARD_COST)
     assert proxy.metric("flexproxy_cost_usd_total", tier="flex") == 0
     assert proxy.metric("flexproxy_savings_lost_usd_total", model="o3") == pytest.approx(STANDARD_COST - FLEX_COST)
     assert proxy.metric("flexproxy_cost_saved_usd_total") == 0
     assert proxy.metric("flexproxy_fallbacks_total", endpoint="chat", model="o3") == 1
     assert proxy.metric("flexproxy_upstream_attempts_total", tier="flex", status_class="429") == 2
-    assert proxy.metric("flexproxy_upstream_attempts_total", tier="auto", status_class="2xx") == 1
-    assert proxy.metric("flexproxy_requests_total", requested_tier="flex", served_tier="default") == 1
+    assert proxy.metric("flexproxy_upstream_attempts_total", tier="standard", status_class="2xx") == 1
+    assert proxy.metric("flexproxy_requests_total", requested_tier="flex", served_tier="standard") == 1
 
 
 def test_dated_snapshot_is_priced_as_its_family(proxy: ProxyServer, sim: Simulator) -> None:
@@ -66,10 +67,20 @@ def test_dated_snapshot_is_priced_as_its_family(proxy: ProxyServer, sim: Simulat
 
 def test_unpriced_model_is_counted_in_tokens_and_flagged(proxy: ProxyServer, sim: Simulator) -> None:
     sim.script(Reply(usage=USAGE))
-    ask(proxy, "chat", stream=False, model="gpt-4.1")
-    assert proxy.metric("flexproxy_tokens_total", model="gpt-4.1", tier="default", kind="input") == 1_000_000
-    assert proxy.metric("flexproxy_unpriced_responses_total", model="gpt-4.1") == 1
+    ask(proxy, "chat", stream=False, model="gpt-9-preview")
+    # A model outside the price table gets the one bounded label "other", never a label of its own.
+    assert proxy.metric("flexproxy_tokens_total", model="other", tier="standard", kind="input") == 1_000_000
+    assert proxy.metric("flexproxy_unpriced_responses_total", model="other") == 1
     assert proxy.metric("flexproxy_cost_usd_total") == 0
+    assert "gpt-9-preview" not in proxy.metrics()
+
+
+def test_a_model_outside_flex_is_priced_at_standard(proxy: ProxyServer, sim: Simulator) -> None:
+    sim.script(Reply(usage=USAGE))
+    ask(proxy, "chat", stream=False, model="gpt-4.1")  # $2.00 input, $0.50 cached, $8.00 output
+    assert proxy.metric("flexproxy_cost_usd_total", model="gpt-4.1", tier="standard") == pytest.approx(5.70)
+    assert proxy.metric("flexproxy_unpriced_responses_total") == 0
+    assert proxy.metric("flexproxy_cost_saved_usd_total", model="gpt-4.1") == 0
 
 
 def test_metrics_carry_no_keys_or_paths(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
@@ -86,7 +97,8 @@ def test_one_json_log_line_per_request(make_proxy, sim: Simulator, caplog: pytes
     sim.script(Reply(kind="flex_429"), Reply(usage=USAGE))
     with caplog.at_level(logging.INFO, logger="flex_proxy"):
         proxy.client(api_key="sk-client-secret").chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "flex_proxy.access"]
+    formatter = JsonFormatter()
+    lines = [json.loads(formatter.format(r)) for r in caplog.records if r.name == "flex_proxy.access"]
     assert len(lines) == 1
     line = lines[0]
     assert line["endpoint"] == "chat" and line["model"] == "o3"
@@ -94,4 +106,5 @@ def test_one_json_log_line_per_request(make_proxy, sim: Simulator, caplog: pytes
     assert (line["input_tokens"], line["cached_tokens"], line["output_tokens"]) == (1_000_000, 200_000, 500_000)
     assert line["cost_usd"] == pytest.approx(FLEX_COST) and line["saved_usd"] == pytest.approx(FLEX_COST)
     assert line["upstream_request_id"].startswith("req_")
+    assert line["level"] == "info" and line["ts"].endswith("Z")
     assert "secret" not in caplog.text

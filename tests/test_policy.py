@@ -11,6 +11,16 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from proxy.config import Settings
+from proxy.errors import (
+    ClientError,
+    DeadlineExceeded,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamIncomplete,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.policy import (
     ANSWER,
     MIN_ATTEMPT_S,
@@ -19,10 +29,15 @@ from proxy.policy import (
     Outcome,
     Progress,
     Step,
+    after_flex_wait,
     backoff_delay,
     classify,
+    classify_failure,
     classify_stream_error,
+    client_wait_s,
+    limits_for,
     next_action,
+    parse_deadline,
     retry_after_s,
 )
 
@@ -128,7 +143,7 @@ TPM_MESSAGE = (
         pytest.param(404, {"code": "model_not_found"}, True, Outcome.CLIENT_ERROR, id="404"),
         pytest.param(413, None, False, Outcome.CLIENT_ERROR, id="413"),
         pytest.param(422, None, False, Outcome.CLIENT_ERROR, id="422"),
-        pytest.param(408, None, True, Outcome.TIMEOUT, id="408"),
+        pytest.param(408, None, True, Outcome.SERVER_ERROR, id="408-answered-as-such"),
         pytest.param(500, {"type": "server_error"}, True, Outcome.SERVER_ERROR, id="500"),
         pytest.param(502, None, False, Outcome.SERVER_ERROR, id="502"),
         pytest.param(
@@ -283,8 +298,11 @@ def _action(
     now: float = 0.0,
     retry_after: float | None = None,
     rand: float = 1.0,
+    **more: Any,
 ) -> Action:
-    limits = replace(LIMITS, strategy=strategy, max_retries=max_retries, flex_deadline=flex_deadline, deadline=deadline)
+    limits = replace(
+        LIMITS, strategy=strategy, max_retries=max_retries, flex_deadline=flex_deadline, deadline=deadline, **more
+    )
     progress = Progress(flex_attempts=flex_attempts, retries=retries, tier_rejected=tier_rejected)
     return next_action(
         outcome,
@@ -354,8 +372,8 @@ def test_next_action_flex_unavailable(kwargs: dict[str, Any], expected: Action) 
 RETRYABLE = [
     (Outcome.RATE_LIMITED, "rate_limited"),
     (Outcome.SERVER_ERROR, "server_error"),
-    (Outcome.TIMEOUT, "timeout"),
-    (Outcome.CONNECTION, "connection"),
+    (Outcome.UNREACHABLE, "connection"),
+    (Outcome.DROPPED_EARLY, "connection"),
 ]
 
 
@@ -383,10 +401,116 @@ def test_next_action_retryable(outcome: Outcome, reason: str, kwargs: dict[str, 
     assert _action(outcome, **kwargs) == expected
 
 
-@pytest.mark.parametrize("outcome", [Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BILLING, Outcome.TOO_LARGE])
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome.OK, Outcome.CLIENT_ERROR, Outcome.BILLING, Outcome.TOO_LARGE,
+        # Upstream may have done (and billed) the work: re-sending could pay twice.
+        Outcome.TIMEOUT, Outcome.DROPPED, Outcome.DEADLINE, Outcome.INCOMPLETE,
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("on_flex", [True, False])
 def test_next_action_final_outcomes(outcome: Outcome, on_flex: bool) -> None:
     assert _action(outcome, on_flex=on_flex, retry_after=1.0) == ANSWER
+
+
+def test_read_timeouts_are_re_sent_only_when_the_operator_opts_in() -> None:
+    assert _action(Outcome.TIMEOUT) == ANSWER
+    assert _action(Outcome.TIMEOUT, retry_read_timeouts=True) == Action(Step.RETRY, 1.0, "timeout")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        pytest.param({"retry_after": 61.0, "max_retry_after_s": 60.0}, ANSWER, id="rate-limit-wait-above-cap"),
+        pytest.param({"retry_after": 60.0, "max_retry_after_s": 60.0}, Action(Step.RETRY, 60.0, "rate_limited"),
+                     id="rate-limit-wait-at-cap"),
+        pytest.param({"retry_after": 30.0, "deadline": 30.5}, ANSWER, id="rate-limit-wait-past-time-left"),
+        pytest.param({"rand": 0.0, "min_backoff_s": 0.25}, Action(Step.RETRY, 0.25, "rate_limited"), id="min-gap"),
+    ],
+)  # fmt: skip
+def test_rate_limit_waits_are_capped(kwargs: dict[str, Any], expected: Action) -> None:
+    assert _action(Outcome.RATE_LIMITED, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("backoff-then-standard", Action(Step.FALLBACK, 0.0, FLEX_RETRY)),
+        ("backoff", ANSWER),
+    ],
+)
+def test_flex_retry_after_above_the_cap_is_not_slept_through(strategy: str, expected: Action) -> None:
+    assert _action(FU, strategy=strategy, retry_after=90.0, max_retry_after_s=60.0, flex_deadline=500.0) == expected
+
+
+def test_flex_retries_keep_a_minimum_gap() -> None:
+    assert _action(FU, rand=0.0, min_backoff_s=0.25) == Action(Step.RETRY, 0.25, FLEX_RETRY)
+
+
+@pytest.mark.parametrize(
+    ("error", "elapsed", "outcome"),
+    [
+        (UpstreamUnreachable("x"), 0.0, Outcome.UNREACHABLE),
+        (UpstreamDropped("x"), 0.5, Outcome.DROPPED_EARLY),
+        (UpstreamDropped("x"), 2.0, Outcome.DROPPED_EARLY),
+        (UpstreamDropped("x"), 2.5, Outcome.DROPPED),
+        (UpstreamTimeout("x"), 900.0, Outcome.TIMEOUT),
+        (DeadlineExceeded("x"), 59.0, Outcome.DEADLINE),
+        (UpstreamIncomplete("x"), 0.1, Outcome.INCOMPLETE),
+    ],
+)
+def test_classify_failure(error: UpstreamError, elapsed: float, outcome: Outcome) -> None:
+    error.elapsed_s = elapsed
+    assert classify_failure(error, replace(LIMITS, reset_window_s=2.0)) == outcome
+
+
+SETTINGS = Settings(request_budget_s=900, flex_budget_s=120)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "client_wait", "reserve", "deadline", "flex_deadline", "client_deadline"),
+    [
+        ("backoff-then-standard", None, 15.0, 900.0, 120.0, False),  # no deadline stated: the proxy's budget
+        ("backoff-then-standard", 600.0, 15.0, 599.0, 120.0, True),  # the SDK's 600 s, answered a second early
+        ("backoff-then-standard", 60.0, 2.0, 59.0, 57.0, True),  # a short deadline leaves most of it for flex
+        ("backoff", 60.0, 2.0, 59.0, 59.0, True),  # no standard re-send: nothing reserved
+        ("backoff-then-standard", 10.0, 2.0, 9.5, 7.5, True),
+        ("backoff-then-standard", 5000.0, 2.0, 900.0, 120.0, False),  # the budget is shorter than the client
+    ],
+)
+def test_limits_for(
+    strategy: str, client_wait: float | None, reserve: float, deadline: float, flex_deadline: float, client_deadline: bool,  # noqa: E501
+) -> None:
+    limits = limits_for(SETTINGS, strategy, 0.0, client_wait, reserve)
+    assert (limits.deadline, limits.flex_deadline, limits.client_deadline) == (deadline, flex_deadline, client_deadline)
+
+
+@pytest.mark.parametrize(
+    ("values", "seconds"),
+    [(("600",), 600.0), (("600", "30"), 30.0), ((None, "45.5"), 45.5), (("nan", "x", "-1", "inf"), None), ((), None)],
+)
+def test_client_wait_is_the_shortest_stated(values: tuple[str | None, ...], seconds: float | None) -> None:
+    assert client_wait_s(*values) == seconds
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan", "inf"])
+def test_a_bad_deadline_header_is_a_client_error(value: str) -> None:
+    with pytest.raises(ClientError, match="X-Flex-Deadline-S"):
+        parse_deadline(value)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "now", "expected"),
+    [
+        ("backoff-then-standard", 10.0, Action(Step.FALLBACK, 0.0, FLEX_RETRY)),
+        ("standard", 10.0, Action(Step.FALLBACK, 0.0, FLEX_RETRY)),
+        ("backoff", 10.0, ANSWER),
+        ("backoff-then-standard", 899.5, ANSWER),  # no time left for the standard re-send
+    ],
+)
+def test_after_flex_wait(strategy: str, now: float, expected: Action) -> None:
+    assert after_flex_wait(replace(LIMITS, strategy=strategy), now) == expected
 
 
 @pytest.mark.parametrize(

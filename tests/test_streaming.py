@@ -44,10 +44,18 @@ def _feed_all(chunks: list[bytes]) -> tuple[list[Event], bytes]:
     return events, decoder.pending
 
 
+def _feed_to_end(chunks: list[bytes]) -> tuple[list[Event], bytes]:
+    """As the relay does: feed every chunk, then flush at the end of the stream (a last lone \r waits for it)."""
+    decoder = SSEDecoder()
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    tail = decoder.flush()
+    return events + ([tail] if tail is not None else []), decoder.pending
+
+
 @EOLS
 def test_decoder_whole_stream(eol: str) -> None:
     stream = _stream(eol)
-    events, pending = _feed_all([stream])
+    events, pending = _feed_to_end([stream])
     assert [(e.event, e.data) for e in events] == EXPECTED
     assert b"".join(e.raw for e in events) == stream
     assert pending == b""
@@ -56,24 +64,24 @@ def test_decoder_whole_stream(eol: str) -> None:
 @EOLS
 def test_decoder_every_split_point(eol: str) -> None:
     stream = _stream(eol)
-    whole, _ = _feed_all([stream])
+    whole, _ = _feed_to_end([stream])
     for i in range(len(stream) + 1):
-        assert _feed_all([stream[:i], stream[i:]]) == (whole, b""), i
+        assert _feed_to_end([stream[:i], stream[i:]]) == (whole, b""), i
 
 
 @EOLS
 def test_decoder_every_pair_of_split_points(eol: str) -> None:
     stream = _stream(eol)
-    whole, _ = _feed_all([stream])
+    whole, _ = _feed_to_end([stream])
     for i in range(len(stream) + 1):
         for j in range(i, len(stream) + 1):
-            assert _feed_all([stream[:i], stream[i:j], stream[j:]]) == (whole, b""), (i, j)
+            assert _feed_to_end([stream[:i], stream[i:j], stream[j:]]) == (whole, b""), (i, j)
 
 
 @EOLS
 def test_decoder_byte_by_byte(eol: str) -> None:
     stream = _stream(eol)
-    assert _feed_all([stream[i : i + 1] for i in range(len(stream))]) == _feed_all([stream])
+    assert _feed_to_end([stream[i : i + 1] for i in range(len(stream))]) == _feed_to_end([stream])
 
 
 @pytest.mark.parametrize(
@@ -89,6 +97,11 @@ def test_decoder_byte_by_byte(eol: str) -> None:
         ([b"event: \xff\ndata: x\n\n"], [("\ufffd", b"x")], b""),
         ([b"data\n\n"], [(None, b"")], b""),
         ([b"data:  two spaces\n\n"], [(None, b" two spaces")], b""),
+        # Every pair of line ends is an event boundary (the SSE spec: a line ends with CRLF, LF or CR).
+        ([b"data: a\n\r\ndata: b\r\n\ndata: c\r\r\ndata: d\n\rx"], [(None, b"a"), (None, b"b"), (None, b"c"),
+                                                                   (None, b"d")], b"x"),
+        ([b"data: a\r", b"\r"], [], b"data: a\r\r"),  # the second \r may yet be the start of \r\n
+        ([b"data: a\r", b"\r", b"\n"], [(None, b"a")], b""),
     ],
 )
 def test_decoder_partial_and_odd_input(

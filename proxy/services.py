@@ -1,0 +1,34 @@
+"""What the request pipeline needs from the app, built once by `create_app` and shared by every request."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .config import Settings
+from .gate import Gates
+from .logs import AccessLog
+from .metrics import Metrics
+from .observed import Observed
+from .pricing import PriceTable
+from .upstream import Upstream
+
+
+@dataclass
+class Services:
+    """Shared parts of the pipeline; clock, sleep and rand are seams for tests."""
+
+    settings: Settings
+    upstream: Upstream
+    metrics: Metrics
+    prices: PriceTable
+    access_log: AccessLog
+    gates: Gates | None = None  # None: the flex gate is switched off
+    observed: Observed = field(default_factory=lambda: Observed(15.0, 2.0, 120.0))
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rand: Callable[[], float] = random.random
+    draining: bool = False
