@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), description="comma-separated keys clients must present (environment only)"
     )
+    admin_key: SecretStr | None = Field(
+        None, description="key the control plane asks for when the proxy listens beyond loopback (environment only)"
+    )
+    metrics_open: bool = Field(True, description="serve /metrics without the admin key, for scrapers")
     prices_file: Path | None = Field(None, description="JSON price file that extends or replaces the packaged table")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json; json makes every line JSON")
@@ -117,14 +121,14 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "admin_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = value.strip()  # a Secret made from a file often ends with a newline
         return None if value == "" else value
 
-    @field_validator("api_key", "client_keys")
+    @field_validator("api_key", "client_keys", "admin_key")
     @classmethod
     def _printable_keys(cls, value: Any) -> Any:
         keys = value if isinstance(value, tuple) else (value,)
