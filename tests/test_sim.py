@@ -726,6 +726,28 @@ def test_a_client_leaving_a_stalled_stream_is_seen_upstream(server: SimServer, s
     assert sim.wait_for(lambda: sim.hanging == 0)
 
 
+def test_a_client_leaving_mid_stream_is_seen_upstream(server: SimServer, sim: Simulator) -> None:
+    sim.script(Reply(event_interval_s=0.2, usage=USAGE))
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=10) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the first event, then leave
+    recorded = sim.requests[-1]
+    assert recorded.closed_by_peer.wait(5) and not recorded.finished.is_set()
+    assert recorded.accepted is True and not recorded.delivered  # billed, though its usage never went out
+    assert sim.settle() and sim.billing().undelivered == 1
+
+
+def test_the_server_comes_back_on_the_same_port() -> None:
+    first = SimServer().start()
+    port = first.port
+    first.stop()
+    with pytest.raises(httpx.ConnectError):  # upstream down: nothing listens
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+    with SimServer(first.sim, port=port) as again:
+        assert httpx.get(again.base_url + "/models", timeout=5).status_code == 200
+
+
 def test_slow_first_token_sends_headers_at_once(server: SimServer, sim: Simulator) -> None:
     sim.script(Reply("slow_first_token", delay_s=30))
     with httpx.stream("POST", server.base_url + "/responses", json={"model": "o3", "input": "x", "stream": True}) as r:

@@ -1,7 +1,7 @@
-"""Acting a reply out on the wire: whole or partial bodies, event streams, silences, FIN and RST closes.
+"""Acting a reply out on the wire: whole or partial bodies, event streams, releasable silences.
 
-Senders mark on the recorded request what reached the client (`Simulator.deliver`) and how the exchange
-ended (`Simulator.end`): finished by the simulator, or closed by the peer first.
+Senders mark on the recorded request when its usage reached the client (`Simulator.deliver`); the `guard`
+middleware marks how the exchange ended (`Simulator.end`): finished by the simulator, or closed by the peer.
 """
 
 from __future__ import annotations
