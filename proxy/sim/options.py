@@ -84,10 +84,12 @@ class Reply:
     hang: silent for `delay_s` (default an hour) or until `Simulator.release_hangs()`, then the connection closes.
     drop / reset: after a silence of `delay_s`, close the connection without a byte (FIN / RST).
     cut_stream: the opening events and `events` deltas (a non-stream answer: half its body), then a close.
-    stall: the opening events and `events` deltas, silence for `delay_s` (or until released), then the rest.
+    stall: the opening events and `events` deltas, silence for `delay_s` (default an hour, or until released),
+    then the rest (a non-stream answer: half its body, the silence, the rest).
     slow_first_token: a stream's headers at once, its first event after `delay_s` (non-stream: like ok).
-    malformed_event: a normal stream with one event whose data is not JSON in the middle.
-    no_done: a complete chat stream (finish_reason, usage if asked) without `data: [DONE]`; then a clean close.
+    malformed_event: a normal stream with one event whose data is not JSON in the middle (non-stream: ok).
+    no_done: a complete chat stream (finish_reason, usage if asked) without `data: [DONE]`, sent with
+    `connection: close` and ended cleanly (non-stream: ok).
     stream_error: a 200 stream that starts with the flex capacity error in-band.
     prelude_then_error: the same error after a Responses stream's `response.created` and
     `response.in_progress` and an SSE comment (chat: after the comment alone).
