@@ -124,8 +124,8 @@ class GateState:
                 self.probing = waiter
                 released.append(waiter)
             return self._let_go(released), None
-        if not self.queue:
-            return released, None
+        if not self.queue or room <= 0:
+            return released, None  # nobody waits, or the cap is reached: a place freed will pump again
         if now < self.next_ramp_at:
             return released, self.next_ramp_at
         while self.queue and len(released) < min(self.ramp, room):

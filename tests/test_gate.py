@@ -1,0 +1,315 @@
+"""proxy.gate: the state machine as tables, its asyncio face with real tasks, and the gate end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from conftest import ProxyServer
+
+from proxy.gate import FlexGate, GateConfig, GateState, Reporter, Result, State, Waiter
+from proxy.sim import Reply, Simulator
+
+CONFIG = GateConfig(probe_initial_s=0.25, probe_max_s=1.0, probe_min_s=0.1, ramp_step_s=0.05, max_waiting=3)
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def busy_gate(now: float = 0.0, rand: float = 1.0, retry_after: float | None = None) -> GateState:
+    gate = GateState(CONFIG)
+    gate.record(Result.BUSY, probe=False, now=now, retry_after=retry_after, rand=rand)
+    return gate
+
+
+# -- the state machine ---------------------------------------------------------------------------------------
+
+
+def test_open_gate_admits_at_once_and_a_429_makes_it_busy() -> None:
+    gate = GateState(CONFIG)
+    assert gate.admit()
+    gate.record(Result.BUSY, probe=False, now=10.0, retry_after=None, rand=1.0)
+    assert gate.state is State.BUSY and not gate.admit()
+    assert gate.next_probe_at == pytest.approx(10.25)  # first probe cap 0.25 s, equal jitter at rand=1
+    assert gate.transitions == [State.BUSY]
+
+
+@pytest.mark.parametrize(
+    ("failed", "rand", "retry_after", "delay"),
+    [
+        (0, 1.0, None, 0.25),
+        (0, 0.0, None, 0.125),  # equal jitter: never less than half the cap
+        (1, 1.0, None, 0.25),
+        (2, 1.0, None, 0.5),
+        (3, 1.0, None, 1.0),
+        (6, 1.0, None, 1.0),  # capped
+        (6, 0.0, None, 0.5),
+        (0, 1.0, 3.0, 3.0),  # upstream's retry-after is a floor
+        (0, 1.0, 500.0, 60.0),  # ... capped
+    ],
+)
+def test_probe_schedule(failed: int, rand: float, retry_after: float | None, delay: float) -> None:
+    gate = GateState(CONFIG, state=State.BUSY, failed_probes=failed)
+    gate._schedule_probe(0.0, retry_after, rand)
+    assert gate.next_probe_at == pytest.approx(delay)
+
+
+def test_one_probe_at_a_time_and_only_when_due() -> None:
+    gate = busy_gate()
+    a, b = Waiter(0.0), Waiter(0.0)
+    assert gate.enqueue(a) and gate.enqueue(b)
+    assert gate.due(0.1) == ([], pytest.approx(0.25))  # not yet
+    released, wake = gate.due(0.25)
+    assert released == [a] and a.probe and wake is None
+    assert gate.due(5.0) == ([], None)  # the probe is out: nobody else goes
+    assert list(gate.queue) == [b]
+
+
+def test_a_failed_probe_keeps_the_gate_busy_and_backs_off() -> None:
+    gate = busy_gate()
+    a = Waiter(0.0)
+    gate.enqueue(a)
+    gate.due(0.3)
+    gate.record(Result.BUSY, probe=True, now=0.3, retry_after=None, rand=1.0)
+    assert gate.state is State.BUSY and gate.probing is None
+    assert gate.next_probe_at == pytest.approx(0.3 + 0.25)  # first failed probe: cap 0.25
+    gate.record(Result.BUSY, probe=True, now=1.0, retry_after=None, rand=1.0)
+    assert gate.next_probe_at == pytest.approx(1.0 + 0.5)
+
+
+def test_a_probe_that_errs_says_nothing_of_capacity() -> None:
+    gate = busy_gate()
+    gate.enqueue(Waiter(0.0))
+    gate.due(0.3)
+    gate.record(Result.ERROR, probe=True, now=0.3, retry_after=None, rand=1.0)
+    assert gate.state is State.BUSY and gate.probing is None
+    assert gate.next_probe_at == pytest.approx(0.4)  # the minimum gap, then another probe
+
+
+def test_a_successful_probe_opens_the_gate_and_releases_waiters_in_a_ramp() -> None:
+    gate = GateState(GateConfig(max_waiting=100, ramp_step_s=0.05))
+    gate.record(Result.BUSY, probe=False, now=0.0, retry_after=None, rand=1.0)
+    waiters = [Waiter(0.0) for _ in range(20)]
+    for waiter in waiters:
+        gate.enqueue(waiter)
+    gate.due(1.0)  # the probe goes
+    gate.record(Result.OK, probe=True, now=1.1, retry_after=None, rand=1.0)
+    assert gate.state is State.OPEN and gate.transitions == [State.BUSY, State.OPEN]
+    batches = []
+    now = 1.1
+    for _ in range(10):
+        released, wake = gate.due(now)
+        batches.append(len(released))
+        if wake is None:
+            break
+        assert wake == pytest.approx(now + 0.05)
+        now = wake
+    assert batches == [1, 2, 4, 8, 4]  # 19 waiters left after the probe: 1, 2, 4, 8, then the rest
+    assert not gate.admit() or not gate.queue  # new arrivals queue behind waiters while the ramp runs
+    assert gate.admit()
+
+
+def test_new_arrivals_queue_behind_a_ramp() -> None:
+    gate = GateState(GateConfig(max_waiting=100))
+    gate.state = State.OPEN
+    gate.enqueue(Waiter(0.0))
+    assert not gate.admit()
+
+
+def test_other_requests_429s_do_not_reschedule_a_busy_gate_except_a_longer_retry_after() -> None:
+    gate = busy_gate(now=0.0)
+    gate.record(Result.BUSY, probe=False, now=0.1, retry_after=None, rand=1.0)
+    assert gate.next_probe_at == pytest.approx(0.25)
+    gate.record(Result.BUSY, probe=False, now=0.1, retry_after=2.0, rand=1.0)
+    assert gate.next_probe_at == pytest.approx(2.1)
+
+
+def test_answers_of_requests_sent_before_the_gate_went_busy_do_not_open_it() -> None:
+    gate = busy_gate()
+    gate.record(Result.OK, probe=False, now=0.1, retry_after=None, rand=1.0)
+    assert gate.state is State.BUSY
+
+
+def test_the_queue_is_bounded() -> None:
+    gate = busy_gate()
+    assert all(gate.enqueue(Waiter(0.0)) for _ in range(3))
+    assert not gate.enqueue(Waiter(0.0))
+
+
+def test_a_waiter_that_leaves_frees_its_place_and_the_probe_slot() -> None:
+    gate = busy_gate()
+    a, b = Waiter(0.0), Waiter(0.0)
+    gate.enqueue(a)
+    gate.enqueue(b)
+    gate.due(1.0)
+    assert gate.probing is a
+    gate.leave(a)
+    assert gate.probing is None
+    gate.leave(b)
+    assert not gate.queue
+
+
+def test_in_flight_cap_queues_the_excess_and_releases_as_places_free() -> None:
+    gate = GateState(GateConfig(max_in_flight=2, max_waiting=10))
+    assert gate.admit()
+    gate.in_flight = 2
+    assert not gate.admit()
+    waiter = Waiter(0.0)
+    gate.enqueue(waiter)
+    assert gate.due(0.0) == ([], None)
+    gate.in_flight = 1
+    released, _ = gate.due(0.0)
+    assert released == [waiter] and gate.in_flight == 2
+
+
+# -- the asyncio face, with real tasks ----------------------------------------------------------------------
+
+
+class Recorder(Reporter):
+    def __init__(self) -> None:
+        self.moves: list[State] = []
+        self.probes: list[Result] = []
+
+    def changed(self, gate: FlexGate, moves: list[State]) -> None:
+        self.moves.extend(moves)
+
+    def probed(self, gate: FlexGate, result: Result) -> None:
+        self.probes.append(result)
+
+
+def make_gate(**config: Any) -> tuple[FlexGate, Recorder]:
+    values: dict[str, Any] = {"probe_initial_s": 0.02, "probe_max_s": 0.05, "probe_min_s": 0.01, "ramp_step_s": 0.01}
+    values.update(config)
+    recorder = Recorder()
+    return FlexGate("o3", GateConfig(**values), time.monotonic, recorder), recorder
+
+
+async def test_waiters_are_released_after_a_successful_probe() -> None:
+    gate, recorder = make_gate()
+    first = gate.try_pass()
+    assert first is not None
+    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.done()
+    assert gate.try_pass() is None  # busy: the open path says wait
+
+    async def one(i: int) -> bool:
+        flex_pass = await gate.wait(time.monotonic() + 5)
+        assert flex_pass is not None
+        flex_pass.record(Result.OK, time.monotonic(), None, 0.5)
+        flex_pass.done()
+        return flex_pass.probe
+
+    probes = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(30))), 5)
+    assert sum(probes) == 1  # exactly one request went as the probe, and it was answered
+    assert recorder.moves == [State.BUSY, State.OPEN] and recorder.probes == [Result.OK]
+    assert gate.try_pass() is not None
+
+
+async def test_a_waiter_whose_deadline_passes_gets_none_and_leaves() -> None:
+    gate, _ = make_gate(probe_initial_s=10, probe_max_s=10)
+    first = gate.try_pass()
+    assert first is not None
+    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.done()
+    started = time.monotonic()
+    assert await gate.wait(started + 0.05) is None
+    assert time.monotonic() - started < 2
+    assert not gate.core.queue
+
+
+async def test_a_waiter_that_is_cancelled_frees_its_place() -> None:
+    gate, _ = make_gate(probe_initial_s=10, probe_max_s=10)
+    first = gate.try_pass()
+    assert first is not None
+    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    task = asyncio.create_task(gate.wait(time.monotonic() + 30))
+    for _ in range(100):
+        if gate.core.queue:
+            break
+        await asyncio.sleep(0.01)
+    assert len(gate.core.queue) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not gate.core.queue
+
+
+async def test_a_probe_whose_client_leaves_lets_another_probe_go() -> None:
+    gate, _ = make_gate()
+    first = gate.try_pass()
+    assert first is not None
+    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.done()
+    probe = await asyncio.wait_for(gate.wait(time.monotonic() + 5), 5)
+    assert probe is not None and probe.probe
+    second = asyncio.create_task(gate.wait(time.monotonic() + 5))
+    probe.done()  # ended without a verdict
+    other = await asyncio.wait_for(second, 5)
+    assert other is not None and other.probe
+
+
+# -- end to end: the official SDK, the proxy and the simulator on loopback -----------------------------------
+
+
+def test_a_busy_burst_is_absorbed_by_the_gate(make_proxy: Callable[..., ProxyServer], sim: Simulator) -> None:
+    """Flex refuses everything for a moment: concurrent requests wait in the gate instead of each hammering flex,
+    then all land on flex once a probe gets through."""
+    proxy = make_proxy(gate_probe_initial_s=0.05, gate_probe_max_s=0.1)
+    sim.script(*[Reply(kind="flex_429")] * 3)
+    results: list[str | None] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            answer = proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+            results.append(answer.service_tier)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and results == ["flex"] * 12
+    # Every request was answered on flex, with far fewer 429s than one per request and retry.
+    assert len(sim.requests) <= 12 + 3
+    assert proxy.metric("flexproxy_gate_transitions_total", to="busy") >= 1
+    assert proxy.metric("flexproxy_gate_transitions_total", to="open") >= 1
+    assert proxy.metric("flexproxy_fallbacks_total") == 0
+
+
+def test_backoff_waits_in_the_gate_then_gets_a_429_with_retry_after(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator
+) -> None:
+    proxy = make_proxy(on_unavailable="backoff", flex_budget_s=0.5, gate_probe_initial_s=5, gate_probe_max_s=5)
+    sim.script(*[Reply(kind="flex_429")] * 5)
+    with pytest.raises(openai.RateLimitError) as caught:
+        proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert len(sim.requests) == 1  # it waited in the gate for its budget: no probe was due
+
+
+def test_standard_strategy_does_not_wait_for_a_busy_gate(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator
+) -> None:
+    proxy = make_proxy(gate_probe_initial_s=30, gate_probe_max_s=30)
+    sim.script(Reply(kind="flex_429"))
+    standard = proxy.client(default_headers={"X-Flex-On-Unavailable": "standard"})
+    for _ in range(2):
+        answer = standard.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+        assert answer.service_tier == "default"
+    assert [r.tier for r in sim.requests] == ["flex", "auto", "auto"]  # the gate was busy: no second flex attempt
+
+
+def test_rate_limits_do_not_move_the_gate(make_proxy: Callable[..., ProxyServer], sim: Simulator) -> None:
+    proxy = make_proxy()
+    sim.script(Reply(kind="rate_limit_429", retry_after_ms=10), Reply(), Reply(kind="quota_429"))
+    proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    with pytest.raises(openai.RateLimitError):
+        proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    assert proxy.metric("flexproxy_gate_transitions_total") == 0
