@@ -104,11 +104,23 @@ def _help(name: str, info: FieldInfo) -> str:
     return text.replace("%", "%%")
 
 
+def _key_help(info: FieldInfo) -> str:
+    return f"{(info.description or '').rstrip('.')}; default: {show_default(info.default)}"
+
+
 class _Formatter(argparse.HelpFormatter):
     """Wraps at spaces only, so model names and choices such as backoff-then-standard stay whole."""
 
     def _split_lines(self, text: str, width: int) -> list[str]:
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Each line of a description is its own paragraph."""
+        return "\n".join(
+            textwrap.fill(" ".join(line.split()), width, initial_indent=indent, subsequent_indent=indent * 2,
+                          break_on_hyphens=False, break_long_words=False)
+            for line in text.splitlines()
+        )  # fmt: skip
 
 
 class _SecretFlag(argparse.Action):
@@ -142,8 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=_Formatter,
         epilog="Every flag can also be set as FLEX_PROXY_<NAME> in the environment; a flag wins over its variable. "
-        f"{' and '.join(map(env_name, secrets))} are read from the environment only, so keys stay out of `ps` "
-        "and shell history. `flex-proxy simulate --help` runs a simulated OpenAI upstream instead.",
+        "`flex-proxy simulate --help` runs a simulated OpenAI upstream instead.",
+    )
+    parser.add_argument_group(
+        "keys, read from the environment only, so they stay out of `ps` and shell history",
+        "\n".join(f"{env_name(name)}: {_key_help(Settings.model_fields[name])}" for name in secrets),
     )
     parser.add_argument("--version", action="version", version=f"flex-proxy {version()}")
     for name, info in Settings.model_fields.items():
@@ -180,8 +195,9 @@ def unknown_variables(environ: Iterable[str]) -> list[str]:
         if upper.startswith(_SERVICE_LINK):
             why = "Kubernetes service links set it for a Service named flex-proxy: set enableServiceLinks: false"
         else:
-            close = difflib.get_close_matches(upper, known, n=1)
-            why = f"did you mean {close[0]}?" if close else "see flex-proxy --help for the settings"
+            # Compared without the prefix, which every candidate shares and which would make anything look close.
+            close = difflib.get_close_matches(upper.removeprefix(PREFIX), [k.removeprefix(PREFIX) for k in known], n=1)
+            why = f"did you mean {PREFIX}{close[0]}?" if close else "see flex-proxy --help for the settings"
         warnings.append(f"{variable} is not a flex-proxy setting and is ignored ({why})")
     return warnings
 

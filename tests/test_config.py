@@ -271,11 +271,3 @@ def test_invalid_setting_exits_with_one_line(
     assert "\n" not in message
     assert message.startswith("flex-proxy: invalid setting " + expected)
     assert SECRET not in message and CLIENT_SECRET not in message
-
-
-@pytest.mark.parametrize("flag", ["--api-key", "--client-keys"])
-def test_secrets_are_not_flags(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        load_settings([flag, SECRET])
-    assert info.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
