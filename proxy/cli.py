@@ -257,14 +257,23 @@ def listen(host: str, port: int) -> list[socket.socket]:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise SystemExit(f"flex-proxy: cannot listen on {host}: {exc.strerror}") from None
+    addresses = list(dict.fromkeys((family, sockaddr) for family, _, _, _, sockaddr in infos))
     sockets: list[socket.socket] = []
-    try:
-        for family, _, _, _, sockaddr in dict.fromkeys((i[0], i[1], i[2], i[3], i[4][:2]) for i in infos):
+    skipped: OSError | None = None
+    for family, sockaddr in addresses:
+        try:
             sockets.append(socket.create_server(sockaddr, family=family, backlog=BACKLOG))
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise SystemExit(f"flex-proxy: cannot listen on {host_port(host, port)}: {_why(exc)}") from None
+        except OSError as exc:
+            # A family the machine lacks (localhost's ::1 in an IPv4-only container) is skipped if another binds.
+            if exc.errno == errno.EADDRNOTAVAIL and len(addresses) > 1:
+                skipped = skipped or exc
+                continue
+            for sock in sockets:
+                sock.close()
+            raise SystemExit(f"flex-proxy: cannot listen on {host_port(host, port)}: {_why(exc)}") from None
+    if not sockets:
+        assert skipped is not None
+        raise SystemExit(f"flex-proxy: cannot listen on {host_port(host, port)}: {_why(skipped)}")
     return sockets
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.cli import is_secret, key_mode, load_settings, settings_warnings, show_default, unknown_variables
+from proxy.cli import is_secret, key_mode, listen, load_settings, settings_warnings, show_default, unknown_variables
 from proxy.config import DEFAULT_FLEX_MODELS, Settings
 
 BIN = Path(sys.executable).parent / "flex-proxy"
@@ -294,3 +294,12 @@ def test_a_bad_setting_names_the_mistyped_variable_that_explains_it() -> None:
     )
     assert error.startswith("flex-proxy: invalid setting FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY")
     assert SECRET not in result.stderr
+
+
+def test_an_address_not_on_this_machine_is_one_line() -> None:
+    with pytest.raises(SystemExit) as info:
+        listen("192.0.2.1", 0)  # TEST-NET-1 (RFC 5737): never an address of a test machine
+    assert info.value.code == (
+        "flex-proxy: cannot listen on 192.0.2.1:0: cannot assign requested address "
+        "(no interface of this machine has that address; see --host or FLEX_PROXY_HOST)"
+    )
