@@ -26,7 +26,7 @@ from rawup import RawRequest, RawUpstream
 
 from proxy.sim import Reply, SimOptions, SimServer, Simulator
 from proxy.sim.cli import main as sim_main
-from proxy.sim.options import SEPARATORS, Canned, window_busy
+from proxy.sim.options import SEPARATORS, Canned, periodic_busy, window_busy
 from proxy.sim.recorded import leaves_v1
 
 REPO = Path(__file__).resolve().parent.parent
@@ -439,6 +439,42 @@ def test_same_seed_gives_the_same_busy_windows() -> None:
             out.append(simulator.flex_busy())
     assert seen[0] == seen[1]
     assert 0.25 < sum(seen[0]) / 200 < 0.55
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "busy"),
+    [(0.0, True), (2.99, True), (3.0, False), (9.99, False), (10.0, True), (12.5, True), (13.0, False), (23.1, False)],
+)
+def test_periodic_busy_pattern_is_the_first_part_of_every_period(elapsed: float, busy: bool) -> None:
+    assert periodic_busy(elapsed, 10.0, 3.0) is busy
+    assert periodic_busy(elapsed, 0.0, 0.0) is False  # no period: never busy
+
+
+def test_busy_period_counts_from_the_last_reset_and_is_set_over_http() -> None:
+    clock = FakeClock()
+    timed = Simulator(SimOptions(busy_period_s=10.0, busy_for_s=3.0), clock=clock)
+    with SimServer(timed) as local, openai.OpenAI(base_url=local.base_url, api_key="k", max_retries=0) as sdk:
+        # Set over /_sim/options like the benchmark does, then start the pattern with a reset at 1004.5.
+        options = httpx.post(local.url + "/_sim/options", json={"busy_period_s": 10, "busy_for_s": 3}).json()
+        assert (options["busy_period_s"], options["busy_for_s"]) == (10, 3)
+        clock.now = 1004.5
+        assert httpx.post(local.url + "/_sim/reset").json() == {"reset": True}
+        outcomes = []
+        for offset in (0.0, 2.9, 3.1, 9.9, 10.0, 12.0, 13.5):
+            clock.now = 1004.5 + offset
+            try:
+                sdk.chat.completions.create(model="o3", messages=MESSAGES, service_tier="flex")
+                outcomes.append("ok")
+            except openai.RateLimitError as exc:
+                outcomes.append(str(exc.code))
+        busy = "resource_unavailable"
+        assert outcomes == [busy, busy, "ok", "ok", busy, busy, "ok"]
+        clock.now = 1004.5 + 1.0
+        # The busy part refuses only flex: the standard tier still answers.
+        assert sdk.chat.completions.create(model="o3", messages=MESSAGES).service_tier == "default"
+        bad = httpx.post(local.url + "/_sim/options", json={"busy_period_s": 2, "busy_for_s": 3})
+        assert bad.status_code == 400 and "busy_for_s" in bad.json()["error"]["message"]
+    assert timed.stats()["flex_429"] == 4
 
 
 def test_busy_reject_share_zero_lets_flex_through(client: openai.OpenAI, sim: Simulator) -> None:
@@ -1066,6 +1102,10 @@ def test_invalid_options_and_replies_are_refused() -> None:
         SimOptions(flex_busy_share=1.5)
     with pytest.raises(ValueError, match="burst_s"):
         SimOptions(burst_s=0)
+    with pytest.raises(ValueError, match="busy_period_s"):
+        SimOptions(busy_period_s=-1)
+    with pytest.raises(ValueError, match="busy_for_s"):
+        SimOptions(busy_period_s=1, busy_for_s=2)
     with pytest.raises(ValueError, match="unknown reply kind"):
         Reply("explode")
     with pytest.raises(ValueError, match="usage"):

@@ -46,6 +46,10 @@ class SimOptions:
 
     flex_busy_share: float = 0.0
     burst_s: float = 5.0
+    # A deterministic pattern besides the random windows: flex busy for the first `busy_for_s` of every
+    # `busy_period_s`, counted from the simulator's start or its last reset (0 = no pattern).
+    busy_period_s: float = 0.0
+    busy_for_s: float = 0.0
     busy_reject_share: float = 1.0
     rate_limit_share: float = 0.0
     rate_limit_retry_ms: int = 200
@@ -70,6 +74,11 @@ class SimOptions:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}")
         if self.burst_s <= 0:
             raise ValueError(f"burst_s must be positive, got {self.burst_s}")
+        if self.busy_period_s < 0 or self.busy_for_s < 0:
+            raise ValueError(f"busy_period_s and busy_for_s must not be negative, got {self.busy_period_s}, "
+                             f"{self.busy_for_s}")  # fmt: skip
+        if self.busy_for_s > self.busy_period_s:
+            raise ValueError(f"busy_for_s ({self.busy_for_s}) must not exceed busy_period_s ({self.busy_period_s})")
         counts = ("rate_limit_retry_ms", "latency_standard_s", "latency_flex_s", "stream_events")
         for name in (*counts, "event_interval_s", "completion_tokens", "reasoning_tokens"):
             if getattr(self, name) < 0:
@@ -159,6 +168,12 @@ def window_busy(seed: int, window: int, busy_share: float) -> bool:
     # A hash rather than a shared RNG, so the answer does not depend on how many requests came before.
     digest = hashlib.blake2b(f"{seed}:{window}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < busy_share
+
+
+def periodic_busy(elapsed_s: float, period_s: float, busy_for_s: float) -> bool:
+    """Whether flex is busy `elapsed_s` after the epoch when it is busy for the first `busy_for_s` of every
+    `period_s` (a period of 0: never)."""
+    return period_s > 0 and elapsed_s % period_s < busy_for_s
 
 
 def matches(model: str, patterns: tuple[str, ...]) -> bool:

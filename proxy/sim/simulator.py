@@ -17,7 +17,7 @@ from typing import Any
 
 from . import errors
 from .ledger import Billing
-from .options import Canned, Reply, SimOptions, matches, window_busy
+from .options import Canned, Reply, SimOptions, matches, periodic_busy, window_busy
 from .payloads import Usage
 from .recorded import RecordedRequest, parse_json
 
@@ -73,7 +73,7 @@ class Simulator:
         self._silences: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
         self._silence_ids = 0
         self._open_connections = 0
-        self._start = clock()
+        self._start = clock()  # the capacity clock's epoch: set again by every reset
         self.reset()
 
     def script(self, *replies: Reply) -> None:
@@ -82,7 +82,9 @@ class Simulator:
             self._script.extend(replies)
 
     def reset(self) -> None:
-        """Forget the script, recordings, counters, billing and canned answers; end silences; reseed.
+        """Forget the script, recordings, counters, billing and canned answers; end silences; reseed; start
+        the capacity clock again (windows and the busy period count from here), so a benchmark that resets
+        right before its load meets the same pattern every run.
 
         `open_connections` is left alone: it is the state of the sockets, not a count since the reset.
         """
@@ -94,6 +96,7 @@ class Simulator:
             self._canned.clear()
             self._billing = Billing()
             self._rng = random.Random(self.options.seed)
+            self._start = self.clock()
         self.release_hangs()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
@@ -125,15 +128,21 @@ class Simulator:
         with self._lock:
             return dict(self.counters)
 
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds from the capacity clock's epoch (the start or the last reset) to `now` (default: the clock)."""
+        return (self.clock() if now is None else now) - self._start
+
     def window(self, now: float | None = None) -> int:
-        """The capacity window `now` (default: the clock) falls in, counted from the simulator's start."""
-        elapsed = (self.clock() if now is None else now) - self._start
-        return math.floor(elapsed / self.options.burst_s)
+        """The capacity window `now` (default: the clock) falls in, counted from the start or the last reset."""
+        return math.floor(self.elapsed(now) / self.options.burst_s)
 
     def flex_busy(self, now: float | None = None) -> bool:
-        """Whether flex capacity is busy in the window of `now`."""
+        """Whether flex capacity is busy at `now`: in a busy random window, or in the busy part of a period."""
         options = self.options
-        return window_busy(options.seed, self.window(now), options.flex_busy_share)
+        elapsed = self.elapsed(now)
+        return periodic_busy(elapsed, options.busy_period_s, options.busy_for_s) or window_busy(
+            options.seed, math.floor(elapsed / options.burst_s), options.flex_busy_share
+        )
 
     def record(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> RecordedRequest:
         recorded = RecordedRequest(method, path, query, headers, body, parse_json(body))
