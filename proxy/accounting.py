@@ -7,7 +7,8 @@ from typing import Any
 
 from .logs import AccessLog
 from .metrics import Metrics, tier_label
-from .pricing import Costing, PriceTable, Usage, price
+from .pricing import Costing, PriceTable, Usage, price, shadow_savings
+from .spend import DailySpend
 
 # Outcomes after which upstream may have billed work whose usage the proxy never saw (it was not read to its
 # end): counted apart, since the cost metrics cannot price them (shared/reference/openai-api.md §9).
@@ -22,6 +23,8 @@ class Record:
     method: str = "POST"
     path: str = ""
     client: str = "default"
+    policy: str | None = None
+    shadow_eligible: bool = False  # shadow mode: the proxy would have put this request on flex
     model: str | None = None
     requested_tier: str | None = None
     served_tier: str | None = None
@@ -53,6 +56,7 @@ class Record:
             "method": self.method,
             "path": self.path if self.endpoint == "other" else None,
             "client": self.client,
+            "policy": self.policy,
             "model": self.model,
             "stream": self.stream,
             "requested_tier": self.requested_tier,
@@ -97,14 +101,30 @@ def price_record(rec: Record, prices: PriceTable) -> Costing | None:
     return costing
 
 
-def account(rec: Record, duration: float, metrics: Metrics, prices: PriceTable, access_log: AccessLog) -> None:
-    """Count the request, price its usage at the served tier, and write its log line."""
+def account(
+    rec: Record,
+    duration: float,
+    metrics: Metrics,
+    prices: PriceTable,
+    access_log: AccessLog,
+    spend: DailySpend | None = None,
+) -> None:
+    """Count the request, price its usage at the served tier, add standard spend to the client's day, and write
+    its log line."""
     model = metrics.model_label(rec.model)
     requested, served = tier_labels(rec)
     metrics.requests.labels(rec.endpoint, model, rec.client, requested, served, rec.outcome).inc()
     metrics.duration.labels(rec.endpoint, rec.outcome).observe(duration)
     if rec.usage is not None and rec.model is not None:
-        metrics.account(model, rec.client, served, rec.usage, price_record(rec, prices))
+        costing = price_record(rec, prices)
+        metrics.account(model, rec.client, served, rec.usage, costing)
+        if costing is not None and spend is not None and served != "flex":
+            spend.add(rec.client, float(costing.cost_usd))
+        if rec.shadow_eligible:
+            model_price = prices.resolve(rec.model)
+            if model_price is not None:
+                saving = shadow_savings(model_price, rec.usage, rec.served_tier)
+                metrics.shadow_saved.labels(model, rec.client).inc(float(saving))
     elif rec.attempts and rec.outcome in _UNREAD:
         metrics.unread.labels(rec.endpoint, model, requested).inc()
     if access_log.enabled:

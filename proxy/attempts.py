@@ -36,6 +36,7 @@ class Job:
     path: str
     family: str  # the model family: whose gate and whose observations
     gate: FlexGate | None
+    standard_tier: str = "auto"  # the standard re-send's tier: auto, default, or omit (drop the member)
     strip_usage: bool = False
     expect_usage: bool = False
 
@@ -177,8 +178,7 @@ class Attempts:
         s, job = self.s, self.job
         job.rec.fell_back = True
         s.metrics.fallbacks.labels(job.rec.endpoint, model_label).inc()
-        standard = s.settings.standard_tier
-        job.changes["service_tier"] = DROP if standard == "omit" else standard
+        job.changes["service_tier"] = DROP if job.standard_tier == "omit" else job.standard_tier
         self.on_flex = False
 
     async def _admit(self) -> Pass | None:

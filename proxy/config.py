@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,9 @@ def _split(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _is_token(key: str) -> bool:
@@ -105,8 +109,15 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="OpenAI key for requests that carry none (environment only)")
     client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        (), description="comma-separated keys clients must present (environment only)"
+        (), description="comma-separated keys clients must present, each `name=key` or a bare key (environment only)"
     )
+    client_keys_file: Path | None = Field(
+        None, description="file of client keys, one `name=key` per line (# comments), for many clients"
+    )
+    mode: Literal["flex", "shadow"] = Field(
+        "flex", description="flex: put eligible requests on flex; shadow: forward them as sent, count what flex saves"
+    )
+    policy_file: Path | None = Field(None, description="TOML file of named policies and the rules that choose them")
     admin_key: SecretStr | None = Field(
         None, description="key the control plane asks for when the proxy listens beyond loopback (environment only)"
     )
@@ -144,12 +155,31 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("prices_file")
+    @field_validator("prices_file", "client_keys_file", "policy_file")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"no such file: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _named_keys(self) -> Settings:
+        if self.client_keys_file is not None:
+            lines = self.client_keys_file.read_text(encoding="utf-8").splitlines()
+            kept = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            from_file = [SecretStr(line) for line in kept]
+            for key in from_file:
+                if not _is_token(key.get_secret_value()):
+                    raise ValueError("a key in FLEX_PROXY_CLIENT_KEYS_FILE has spaces or control characters")
+            object.__setattr__(self, "client_keys", (*self.client_keys, *from_file))
+        names = [name for name, _ in self.named_client_keys]
+        for name in names:
+            if not _CLIENT_NAME.match(name):
+                raise ValueError(f"client name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        secrets = [key.get_secret_value() for _, key in self.named_client_keys]
+        if len(set(secrets)) != len(secrets):
+            raise ValueError("the same client key is given twice (the value is not shown)")
+        return self
 
     @model_validator(mode="after")
     def _no_open_relay(self) -> Settings:
@@ -165,6 +195,19 @@ class Settings(BaseSettings):
         if self.client_keys and not self.api_key:
             raise ValueError("FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY, the key used for those clients")
         return self
+
+    @property
+    def named_client_keys(self) -> tuple[tuple[str, SecretStr], ...]:
+        """(name, key) for each client key: `name=key`, or a bare key named `default`."""
+        pairs = []
+        for item in self.client_keys:
+            name, sep, key = item.get_secret_value().partition("=")
+            pairs.append((name, SecretStr(key)) if sep and name and key else ("default", item))
+        return tuple(pairs)
+
+    @property
+    def client_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(["default", *(name for name, _ in self.named_client_keys)]))
 
     def first_byte_timeout_s(self, on_flex: bool) -> float:
         """How long an attempt may wait for its answer to start: flex may be silent for many minutes."""

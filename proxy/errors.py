@@ -1,7 +1,7 @@
 """One error tree for the proxy, and the OpenAI-shaped envelope every error reaches the client in.
 
     FlexProxyError
-    ├── ClientError               the request itself is wrong (400, 401, 413)
+    ├── ClientError               the request itself is wrong (400, 401, 413), or past its client's cap (429)
     └── UpstreamError             the upstream could not give an answer (502)
         ├── UpstreamUnreachable   no connection could be made: nothing was sent (502)
         ├── UpstreamDropped       the connection closed or reset before any answer byte (502)
@@ -54,6 +54,20 @@ class BodyTooLarge(ClientError):
 class Unauthorized(ClientError):
     status = 401
     code = "invalid_api_key"
+
+
+class SpendCapReached(ClientError):
+    """A client past its daily standard-tier spend cap asked for something only the standard tier serves."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "standard_spend_cap"
+
+    def __init__(self, client: str, cap: float | None) -> None:
+        super().__init__(
+            f"Client {client!r} has spent its standard-tier cap of ${cap or 0:.2f} for today (UTC); requests that "
+            "can run on flex still do, others wait for tomorrow."
+        )
 
 
 class UpstreamError(FlexProxyError):

@@ -125,6 +125,16 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What a request's policy says about time and attempts."""
+
+    max_flex_attempts: int
+    flex_budget_s: float
+    request_budget_s: float
+    client_deadline: bool = True  # honour the client's stated deadline
+
+
+@dataclass(frozen=True)
 class Limits:
     strategy: str  # backoff | standard | backoff-then-standard | fail
     max_flex_attempts: int
@@ -180,25 +190,31 @@ def client_wait_s(*values: str | None) -> float | None:
 
 
 def limits_for(
-    settings: Settings, strategy: str, now: float, client_wait: float | None, standard_reserve_s: float
+    settings: Settings,
+    strategy: str,
+    now: float,
+    client_wait: float | None,
+    standard_reserve_s: float,
+    budget: Budget | None = None,
 ) -> Limits:
     """Limits for one request. Its deadline is the proxy's budget, or the client's own wait (from
     x-stainless-read-timeout or X-Flex-Deadline-S) when that is shorter; `standard_reserve_s` is kept
-    free before it for a standard re-send."""
-    deadline = now + settings.request_budget_s
+    free before it for a standard re-send. `budget` (a request's policy) replaces the settings' figures."""
+    budget = budget or Budget(settings.max_flex_attempts, settings.flex_budget_s, settings.request_budget_s)
+    deadline = now + budget.request_budget_s
     client_deadline = False
-    if client_wait is not None:
+    if client_wait is not None and budget.client_deadline:
         # Answer a little before the client gives up, so it gets our final error rather than its own timeout
         # (after which the SDK would re-send, and upstream might do the work twice).
         mine = now + client_wait - min(1.0, client_wait * 0.05)
         if mine <= deadline:
             deadline, client_deadline = mine, True
-    flex_deadline = min(now + settings.flex_budget_s, deadline)
+    flex_deadline = min(now + budget.flex_budget_s, deadline)
     if strategy == "backoff-then-standard":
         flex_deadline = min(flex_deadline, deadline - standard_reserve_s)
     return Limits(
         strategy=strategy,
-        max_flex_attempts=settings.max_flex_attempts,
+        max_flex_attempts=budget.max_flex_attempts,
         max_retries=settings.max_retries,
         backoff_initial_s=settings.backoff_initial_s,
         backoff_max_s=settings.backoff_max_s,

@@ -24,8 +24,7 @@ from .asgi import (
     read_body,
 )
 from .attempts import Attempts, Job
-from .auth import authorize
-from .errors import ClientError, FlexProxyError, UpstreamError
+from .errors import ClientError, FlexProxyError, SpendCapReached, UpstreamError
 from .passthrough import passthrough, query
 from .pricing import family_of
 from .relay import deliver, retry_after_header
@@ -56,7 +55,7 @@ class ProxyApp:
             if not settled:
                 settled = True
                 s.metrics.in_flight.labels(record.endpoint).dec()
-                account(record, s.clock() - start, s.metrics, s.prices, s.access_log)
+                account(record, s.clock() - start, s.metrics, s.prices, s.access_log, s.spend)
 
         guard = DisconnectGuard(receive)
         responder = Responder(send, guard, settle)
@@ -85,15 +84,16 @@ class ProxyApp:
     async def _serve(self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard) -> None:
         try:
             check_path(rec.path)
-            authorization = authorize(self.s.settings, header(scope, b"authorization"))
+            caller = self.s.auth.authorize(header(scope, b"authorization"))
         except ClientError as exc:
             await _refuse(out, rec, exc)
             return
+        rec.client = caller.name
         if rec.endpoint == "other":
             timeout = self.s.settings.first_byte_timeout_s(on_flex=False)
-            await passthrough(self.s.upstream, scope, receive, rec, out, guard, authorization, timeout)
+            await passthrough(self.s.upstream, scope, receive, rec, out, guard, caller.authorization, timeout)
         else:
-            await self._model_request(scope, receive, rec, out, guard, authorization)
+            await self._model_request(scope, receive, rec, out, guard, caller.authorization)
 
     async def _model_request(
         self,
@@ -110,7 +110,10 @@ class ProxyApp:
             raw = await read_body(receive, s.max_body_bytes, header(scope, b"content-length"))
             body = parse(raw)
             mode = tiers.header_mode(header(scope, b"x-flex-tier"))
-            strategy = policy.parse_strategy(header(scope, b"x-flex-on-unavailable"), s.on_unavailable)
+            model = body.get("model")
+            rec.model = model if isinstance(model, str) else None
+            chosen = services.policies.select(rec.client, rec.model, header(scope, b"x-flex-policy"))
+            strategy = policy.parse_strategy(header(scope, b"x-flex-on-unavailable"), chosen.strategy)
             stated = policy.parse_deadline(header(scope, b"x-flex-deadline-s"))
         except ClientGone:
             rec.outcome = "client_disconnected"
@@ -119,8 +122,7 @@ class ProxyApp:
             await _refuse(out, rec, exc)
             return
         guard.arm()
-        model = body.get("model")
-        rec.model = model if isinstance(model, str) else None
+        rec.policy = chosen.name
         rec.stream = body.get("stream") is True
         decision = tiers.decide(
             model=model,
@@ -130,7 +132,19 @@ class ProxyApp:
             patterns=s.flex_models,
             override_client_tier=s.override_client_tier,
             inject_background=s.inject_background,
+            policy_flex=chosen.flex,
         )
+        if s.mode == "shadow":  # forward exactly as sent; only count what flex would have saved
+            rec.shadow_eligible = decision.on_flex and decision.managed
+            client_tier = body.get("service_tier")
+            decision = tiers.TierDecision(client_tier if isinstance(client_tier, str) else None, False, "shadow")
+            mode = "off"
+        cap = services.policies.client(rec.client).standard_spend_cap_usd
+        if services.spend.over(rec.client, cap):
+            if not decision.on_flex:
+                await _refuse(out, rec, SpendCapReached(rec.client, cap), services.spend.seconds_to_midnight())
+                return
+            strategy = "backoff"  # past the day's standard spend: stay on flex, wait or fail, never pay standard
         rec.requested_tier = decision.tier
         rec.tier_reason = decision.reason
         changes: dict[str, Any] = {}
@@ -146,7 +160,11 @@ class ProxyApp:
                 strip_usage = expect_usage = True
         family = family_of(rec.model) if rec.model else "none"
         client_wait = policy.client_wait_s(header(scope, b"x-stainless-read-timeout"), stated)
-        limits = policy.limits_for(s, strategy, services.clock(), client_wait, services.observed.reserve(family))
+        budget = policy.Budget(
+            chosen.max_flex_attempts, chosen.flex_budget_s, chosen.request_budget_s, chosen.client_deadline
+        )
+        reserve = services.observed.reserve(family)
+        limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, budget)
         gate = None
         if services.gates is not None and decision.on_flex:
             gate = services.gates.get(_gate_key(family, authorization, s.gate_scope))
@@ -160,6 +178,7 @@ class ProxyApp:
             path=rec.path + query(scope),
             family=family,
             gate=gate,
+            standard_tier=chosen.standard_tier,
             strip_usage=strip_usage,
             expect_usage=expect_usage,
         )
@@ -196,7 +215,8 @@ def _gate_key(family: str, authorization: str | None, scope: str) -> str:
     return family + "@" + hashlib.sha256(authorization.encode()).hexdigest()[:8]
 
 
-async def _refuse(out: Responder, rec: Record, exc: ClientError) -> None:
-    rec.outcome = "bad_request"
+async def _refuse(out: Responder, rec: Record, exc: ClientError, retry_after: int | None = None) -> None:
+    rec.outcome = "bad_request" if retry_after is None else "spend_cap"
     rec.status = exc.status
-    await out.error(exc, rec.flex_headers())
+    extra = [] if retry_after is None else [(b"retry-after", str(retry_after).encode())]
+    await out.error(exc, rec.flex_headers() + extra)

@@ -8,12 +8,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .auth import Authorizer
 from .config import Settings
 from .gate import Gates
 from .logs import AccessLog
 from .metrics import Metrics
 from .observed import Observed
+from .policies import PolicySet
 from .pricing import PriceTable
+from .spend import DailySpend
 from .upstream import Upstream
 
 
@@ -26,8 +29,11 @@ class Services:
     metrics: Metrics
     prices: PriceTable
     access_log: AccessLog
+    auth: Authorizer
+    policies: PolicySet
     gates: Gates | None = None  # None: the flex gate is switched off
     observed: Observed = field(default_factory=lambda: Observed(15.0, 2.0, 120.0))
+    spend: DailySpend = field(default_factory=DailySpend)
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rand: Callable[[], float] = random.random

@@ -18,7 +18,7 @@ FLEX = "flex"
 class TierDecision:
     tier: str | None  # the service_tier sent upstream (None: the body carries none)
     managed: bool  # the proxy chose this tier, so it may drop it if upstream rejects it (fallback applies to any flex)
-    reason: str  # injected | forced | client | header_off | not_eligible | background | override | no_model
+    reason: str  # injected | forced | client | header_off | policy | not_eligible | background | override | no_model
 
     @property
     def on_flex(self) -> bool:
@@ -56,6 +56,7 @@ def decide(
     patterns: tuple[str, ...],
     override_client_tier: bool,
     inject_background: bool,
+    policy_flex: bool = True,
 ) -> TierDecision:
     """The tier to send and whether the proxy owns it; a client's own tier wins unless overridden."""
     sent = client_tier if isinstance(client_tier, str) else None
@@ -63,6 +64,8 @@ def decide(
         return TierDecision(sent, False, "header_off")
     if header == "flex":
         return TierDecision(FLEX, True, "forced")
+    if not policy_flex:
+        return TierDecision(sent, False, "policy")
     if sent is not None and not override_client_tier:
         return TierDecision(sent, False, "client")
     if not isinstance(model, str):
