@@ -24,6 +24,7 @@ from pydantic.fields import FieldInfo
 
 from .config import Settings
 from .logs import LOGGER, configure, text_value
+from .policies import PolicyFileError, check_file
 from .pricing import PriceTable
 
 DESCRIPTION = "Reverse proxy for the OpenAI API that sends eligible requests on the flex tier."
@@ -333,12 +334,31 @@ def _tune_gc() -> None:
     gc.set_threshold(2_000, 10, 10)
 
 
+def _check_policy(argv: list[str]) -> int:
+    """`flex-proxy check-policy FILE`: validate a policy file without starting anything."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: flex-proxy check-policy FILE", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    if not path.is_file():
+        print(f"flex-proxy: no such file: {path}", file=sys.stderr)
+        return 1
+    try:
+        print(check_file(path))
+    except PolicyFileError as exc:
+        print(f"flex-proxy: invalid policy file {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["simulate"]:
         from .sim.cli import main as simulate
 
         return simulate(argv[1:])
+    if argv[:1] == ["check-policy"]:
+        return _check_policy(argv[1:])
     unknown = unknown_variables(os.environ)
     try:
         settings = load_settings(argv)
@@ -355,8 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     prices = _count_prices(settings.prices_file)
     from .app import create_app
 
+    try:
+        app = create_app(settings)
+    except PolicyFileError as exc:
+        raise SystemExit(f"flex-proxy: invalid policy file {exc}") from None
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
