@@ -48,7 +48,9 @@ def is_loopback(host: str) -> bool:
 class Settings(BaseSettings):
     """Everything the operator can set; see the README's settings table for what each one means."""
 
-    model_config = SettingsConfigDict(env_prefix="FLEX_PROXY_", frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = SettingsConfigDict(
+        env_prefix="FLEX_PROXY_", frozen=True, extra="forbid", allow_inf_nan=False, hide_input_in_errors=True
+    )  # errors never echo a value: it may be a key
 
     upstream_base_url: str = Field("https://api.openai.com/v1", description="where /v1/<rest> goes: <base>/<rest>")
     host: str = Field("127.0.0.1", description="address to listen on (loopback unless you mean otherwise)")
