@@ -82,7 +82,7 @@ VALUES: dict[str, set[str]] = {
     "outcome": {
         "ok", "bad_request", "upstream_error", "flex_unavailable", "rate_limited", "quota", "too_large",
         "tier_rejected", "server_error", "timeout", "client_deadline", "unreachable", "stream_cut",
-        "client_disconnected", "proxy_error",
+        "client_disconnected", "proxy_error", "spend_cap",
     },
     "status_class": {"2xx", "4xx", "429", "5xx", "timeout", "connection_error"},
     "kind": {"input", "cached_input", "output", "reasoning"},
@@ -586,9 +586,13 @@ def test_every_proxy_container_is_hardened_probed_and_keyed_from_the_secret(
             limits = container["resources"]["limits"]
             assert {"cpu", "memory"} <= limits.keys() and container["resources"]["requests"], where
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            for probe, path in (
+                ("startupProbe", "/healthz"),
+                ("readinessProbe", "/readyz"),
+                ("livenessProbe", "/healthz"),
+            ):
                 http_get = container[probe]["httpGet"]
-                assert http_get["path"] == "/healthz" and http_get["port"] in ports, f"{where}: {probe}"
+                assert http_get["path"] == path and http_get["port"] in ports, f"{where}: {probe}"
             env = env_of(container)
             for name, key in (("FLEX_PROXY_API_KEY", "openai-api-key"), ("FLEX_PROXY_CLIENT_KEYS", "client-keys")):
                 ref = env[name].get("valueFrom", {}).get("secretKeyRef")
