@@ -35,6 +35,7 @@ class Record:
     outcome: str = "ok"
     status: int = 0
     backoff_s: float = 0.0
+    gate_wait_s: float = 0.0
     request_id: str | None = None
     usage: Usage | None = None
     cost_usd: float | None = None
@@ -72,6 +73,7 @@ class Record:
             "cost_usd": self.cost_usd,
             "saved_usd": self.saved_usd,
             "backoff_s": round(self.backoff_s, 3),
+            "gate_wait_s": round(self.gate_wait_s, 3),
             "duration_ms": round(duration * 1000, 1),
             "upstream_request_id": self.request_id,
         }

@@ -196,9 +196,11 @@ class Attempts:
             return gate.force_pass()  # tries flex once whatever the gate says, and answers what came
         if progress.flex_attempts >= limits.max_flex_attempts:
             return None
+        started = self.s.clock()
         flex_pass = await gate.wait(limits.flex_deadline)
-        waited = flex_pass.waited_s if flex_pass is not None else self.s.clock() - limits.started
-        self.s.metrics.gate_wait.labels(gate.key).observe(max(0.0, waited))
+        waited = max(0.0, flex_pass.waited_s if flex_pass is not None else self.s.clock() - started)
+        self.s.metrics.gate_wait.labels(gate.key).observe(waited)
+        job.rec.gate_wait_s += waited
         return flex_pass
 
     def _observe(

@@ -50,6 +50,7 @@ class Metrics:
         known_models: Iterable[str] = (),
         registry: CollectorRegistry | None = None,
         clients: Iterable[str] = ("default",),
+        flex_models: Iterable[str] = (),
         process: bool = True,
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -138,15 +139,16 @@ class Metrics:
         self.loop_lag = Gauge(
             "flexproxy_event_loop_lag_seconds", "How late the event loop ran a timer, last measured.", registry=r
         )
-        self._initialise(clients)
+        self._initialise(clients, flex_models)
 
-    def _initialise(self, clients: Iterable[str]) -> None:
-        """Create the label sets a quiet proxy has, so its panels read 0 rather than "No data"."""
+    def _initialise(self, clients: Iterable[str], flex_models: Iterable[str]) -> None:
+        """Create the label sets a quiet proxy has, so its panels read 0 rather than "No data": the flex families'
+        money for each named client (not every priced model: that would be thousands of series for many clients)."""
         for endpoint in ENDPOINTS:
             self.in_flight.labels(endpoint)
             self.duration.labels(endpoint, "ok")
         for client in clients:
-            for model in self._known:
+            for model in flex_models:
                 self.saved.labels(model, client)
                 self.lost.labels(model, client)
                 for tier in ("flex", "standard"):

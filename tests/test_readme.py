@@ -80,7 +80,7 @@ def test_quick_start_without_a_key(tmp_path: Path) -> None:
             ]
         assert set(tiers) <= {"flex", "default"} and "flex" in tiers
         metrics = httpx.get(f"http://127.0.0.1:{proxy_port}/metrics").text
-        saved = re.search(r'^flexproxy_cost_saved_usd_total\{model="o3"\} (\S+)$', metrics, re.M)
+        saved = re.search(r'^flexproxy_cost_saved_usd_total\{client="default",model="o3"\} (\S+)$', metrics, re.M)
         assert saved and float(saved.group(1)) > 0
     finally:
         for process in (proxy, simulator):
