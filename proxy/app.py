@@ -42,7 +42,7 @@ def create_app(
     disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every counter
     prices = PriceTable.load(settings.prices_file)
     policies = load_policies(settings.policy_file, settings)
-    metrics = Metrics(known_models=prices.families, clients=settings.client_names)
+    metrics = Metrics(known_models=prices.families, clients=settings.client_names, flex_models=prices.flex_families)
     upstream = Upstream(
         settings.upstream_base_url,
         connect_timeout_s=settings.connect_timeout_s,
