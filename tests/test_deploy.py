@@ -843,6 +843,10 @@ def test_prometheus_rule_for_the_operator_matches_alerts_yml(
     for overlay, (_, docs) in rendered.items():
         (rule,) = kinds(docs, "PrometheusRule")
         assert rule["spec"] == alerts, f"{overlay}: PrometheusRule differs from deploy/prometheus/alerts.yml"
+    # The comments too: the file is alerts.yml from `groups:` on, indented under spec.
+    source = (DEPLOY / "prometheus" / "alerts.yml").read_text().split("\ngroups:\n", 1)[1]
+    operator = (K8S / "components" / "monitoring" / "prometheusrule.yaml").read_text().split("\n  groups:\n", 1)[1]
+    assert operator == "".join(f"  {line}" if line.strip() else line for line in source.splitlines(keepends=True))
     path = tmp_path / "spec.yml"
     path.write_text(yaml.safe_dump(kinds(rendered["standalone"][1], "PrometheusRule")[0]["spec"]))
     result = run(tool("promtool"), "check", "rules", path)
