@@ -206,7 +206,7 @@ def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = 
     settings = services.settings
     lock = AdminLock(settings.host, settings.admin_key)
 
-    def admin(credentials: Credentials) -> None:
+    async def admin(credentials: Credentials) -> None:  # async: a plain def would run in a worker thread
         lock.check(credentials)
 
     guarded = [Depends(admin)]
@@ -250,7 +250,10 @@ def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = 
         tags=["metrics"],
         response_class=Response,
         dependencies=[] if settings.metrics_open else guarded,
-        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}, **ERRORS},
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+            **({} if settings.metrics_open else ERRORS),
+        },
     )
     async def metrics() -> Response:
         """Prometheus metrics (open to scrapers unless FLEX_PROXY_METRICS_OPEN=false)."""
