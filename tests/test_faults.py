@@ -1,0 +1,687 @@
+"""The fault table of docs/faults.md, one test per row: the real proxy under uvicorn, a scripted upstream (the
+simulator, or a raw one) on 127.0.0.1, and the official SDK as the client wherever a user would use it.
+
+Each row checks what the client received, how many attempts reached upstream (`len(sim.requests)`), the gaps
+between them, that upstream was asked to do (and so bills) the work at most once, and that the proxy's own
+counters agree with what upstream saw. Timeouts are shrunk through settings so the whole file takes seconds.
+Absence (no further attempt) is proved by bounded polling, never by a sleep and an assert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from conftest import ProxyServer
+
+from proxy.sim import Reply, SimOptions, SimServer, Simulator
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+MIN_GAP_S = 0.05  # min_backoff_s in these tests: the shortest wait between two attempts of one request
+PROBE_GAP_S = 0.1  # the flex gate's shortest interval between probes (GateConfig.probe_min_s)
+EARLY_S = 0.003  # a timer may fire a hair before its time; gaps are checked against the floor minus this
+FAST = {
+    "upstream_timeout_s": 0.5,
+    "standard_timeout_s": 0.5,
+    "stream_idle_timeout_s": 0.5,
+    "min_backoff_s": MIN_GAP_S,
+    "reset_retry_window_s": 0.25,
+}
+CONTEXT_LENGTH = {
+    "message": "This model's maximum context length is 200000 tokens. However, your messages resulted in 210345 "
+    "tokens. Please reduce the length of the messages.",
+    "type": "invalid_request_error",
+    "param": "messages",
+    "code": "context_length_exceeded",
+}
+CONTENT_FILTER = {
+    "message": "Your request was rejected as a result of our safety system.",
+    "type": "invalid_request_error",
+    "param": None,
+    "code": "content_policy_violation",
+}
+
+Maker = Callable[..., ProxyServer]
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+
+def fast(make_proxy: Maker, **overrides: Any) -> ProxyServer:
+    return make_proxy(**{**FAST, **overrides})
+
+
+def chat(client: openai.OpenAI, model: str = "o3", **kwargs: Any) -> Any:
+    return client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **kwargs)
+
+
+def chat_stream(client: openai.OpenAI, model: str = "o3", **kwargs: Any) -> Any:
+    return client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
+
+
+def gaps(sim: Simulator) -> list[float]:
+    times = [recorded.received_at for recorded in sim.requests]
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+def assert_gaps_at_least(sim: Simulator, floor: float) -> None:
+    assert all(gap >= floor - EARLY_S for gap in gaps(sim)), (gaps(sim), floor)
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def settled(sim: Simulator) -> Any:
+    """Billing once every upstream exchange has ended; at most one attempt was ever accepted (billed)."""
+    assert sim.settle(5), "an upstream exchange is still open"
+    billing = sim.billing()
+    assert billing.accepted <= 1, f"upstream was asked to do the work {billing.accepted} times"
+    return billing
+
+
+def counted(proxy: ProxyServer, sim: Simulator, outcome: str, requests: int = 1) -> None:
+    """The proxy counted the request(s) with `outcome`, and every attempt upstream saw (the counts can lag the
+    client by a moment when the client left, so they are polled)."""
+
+    def agree() -> bool:
+        answered = proxy.metric("flexproxy_requests_total", outcome=outcome) == requests
+        return answered and proxy.metric("flexproxy_upstream_attempts_total") == len(sim.requests)
+
+    assert eventually(agree), (
+        {o: proxy.metric("flexproxy_requests_total", outcome=o) for o in (outcome, "client_disconnected", "ok")},
+        proxy.metric("flexproxy_upstream_attempts_total"),
+        len(sim.requests),
+    )
+
+
+def no_more_attempts(sim: Simulator, count: int, within: float) -> None:
+    """Bounded proof of absence: upstream sees no attempt beyond `count` for `within` seconds."""
+    assert not sim.wait_for(lambda: len(sim.requests) > count, timeout=within), [r.outcome for r in sim.requests]
+    assert len(sim.requests) == count
+
+
+def final_error(caught: pytest.ExceptionInfo[openai.APIStatusError]) -> httpx.Headers:
+    """A final error: OpenAI-shaped, marked so the SDK does not re-send it, one retry-after at most."""
+    response = caught.value.response
+    body = response.json()
+    assert set(body["error"]) >= {"message", "type", "param", "code"}
+    assert response.headers.get_list("x-should-retry") == ["false"]
+    assert "retry-after-ms" not in response.headers
+    assert len(response.headers.get_list("retry-after")) <= 1
+    return response.headers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# -- 429s -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
+def test_flex_429_without_retry_after_is_retried_on_flex_after_a_gap(
+    make_proxy: Maker, sim: Simulator, gate: bool
+) -> None:
+    proxy = fast(make_proxy, flex_gate=gate)
+    sim.script(Reply("flex_429"))
+    raw = chat(proxy.client())
+    assert raw.http_response.status_code == 200
+    assert raw.parse().service_tier == "flex"
+    assert raw.headers["x-flex-attempts"] == "2"
+    assert [r.tier for r in sim.requests] == ["flex", "flex"]
+    assert_gaps_at_least(sim, PROBE_GAP_S if gate else MIN_GAP_S)
+    billing = settled(sim)
+    assert (billing.accepted, billing.refused) == (1, 1)
+    counted(proxy, sim, "ok")
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
+def test_flex_429_retry_keeps_the_minimum_gap(make_proxy: Maker, sim: Simulator, gate: bool) -> None:
+    # min_backoff_s is "the shortest wait between two attempts of one request", through the gate too.
+    proxy = fast(make_proxy, flex_gate=gate, min_backoff_s=0.3)
+    sim.script(Reply("flex_429"))
+    assert chat(proxy.client()).parse().service_tier == "flex"
+    assert len(sim.requests) == 2
+    assert_gaps_at_least(sim, 0.3)
+
+
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
+@pytest.mark.parametrize("header", ["retry-after-ms", "retry-after"])
+def test_flex_429_with_retry_after_waits_at_least_that_long(
+    make_proxy: Maker, sim: Simulator, gate: bool, header: str
+) -> None:
+    proxy = fast(make_proxy, flex_gate=gate)
+    wait, reply = (
+        (0.4, Reply("flex_429", retry_after_ms=400))
+        if header == "retry-after-ms"
+        else (1.0, Reply("flex_429", retry_after_s=1))
+    )
+    sim.script(reply)
+    raw = chat(proxy.client())
+    assert raw.parse().service_tier == "flex"
+    assert len(sim.requests) == 2
+    assert_gaps_at_least(sim, wait)
+    settled(sim)
+    counted(proxy, sim, "ok")
+
+
+def test_persistent_flex_429_falls_back_to_standard(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy, max_flex_attempts=3)
+    sim.script(*[Reply("flex_429")] * 3)
+    raw = chat(proxy.client())
+    assert raw.parse().service_tier == "default"
+    assert raw.headers["x-flex-served-tier"] == "default"
+    assert [r.tier for r in sim.requests] == ["flex", "flex", "flex", "auto"]
+    assert all(gap >= PROBE_GAP_S - EARLY_S for gap in gaps(sim)[:2])  # the fallback itself goes at once
+    billing = settled(sim)
+    assert (billing.accepted, billing.refused) == (1, 3)
+    counted(proxy, sim, "ok")
+    assert proxy.metric("flexproxy_fallbacks_total") == 1
+
+
+def test_persistent_flex_429_on_backoff_strategy_ends_in_a_final_429(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy, max_flex_attempts=3)
+    sim.script(*[Reply("flex_429")] * 5)
+    client = proxy.client(max_retries=2, default_headers={"X-Flex-On-Unavailable": "backoff"})
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    headers = final_error(caught)
+    assert int(headers["retry-after"]) >= 1
+    assert caught.value.code == "resource_unavailable"
+    no_more_attempts(sim, 3, within=0.5)  # the SDK's own 2 retries did not multiply ours
+    assert_gaps_at_least(sim, PROBE_GAP_S)
+    assert settled(sim).accepted == 0
+    counted(proxy, sim, "flex_unavailable")
+
+
+def test_persistent_rate_limit_429_ends_in_a_final_429_with_one_retry_after(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(*[Reply("rate_limit_429", retry_after_ms=100)] * 3)
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(proxy.client(max_retries=2))
+    headers = final_error(caught)
+    assert headers["retry-after"] == "1"  # 100 ms, in whole seconds
+    assert caught.value.code == "rate_limit_exceeded"
+    no_more_attempts(sim, 3, within=0.5)  # 1 + max_retries
+    assert [r.tier for r in sim.requests] == ["flex"] * 3  # a rate limit is shared by the tiers: no fallback
+    assert_gaps_at_least(sim, 0.1)
+    assert settled(sim).accepted == 0
+    counted(proxy, sim, "rate_limited")
+
+
+def test_rate_limit_with_retry_after_ms_is_retried_on_the_same_tier_after_it(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("rate_limit_429", retry_after_ms=300))
+    raw = chat(proxy.client())
+    assert raw.parse().service_tier == "flex"
+    assert [r.tier for r in sim.requests] == ["flex", "flex"]
+    assert_gaps_at_least(sim, 0.3)
+    settled(sim)
+    counted(proxy, sim, "ok")
+
+
+def test_rate_limit_asking_for_longer_than_the_cap_is_answered_at_once(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy, max_retry_after_s=1)
+    sim.script(Reply("rate_limit_429", retry_after_ms=5000))
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(proxy.client())
+    assert time.monotonic() - started < 1.0  # not asleep for 5 s
+    assert final_error(caught)["retry-after"] == "5"  # upstream's wait, passed on to the client
+    no_more_attempts(sim, 1, within=0.3)
+    settled(sim)
+    counted(proxy, sim, "rate_limited")
+
+
+def test_insufficient_quota_is_passed_through_once(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("quota_429"))
+    with pytest.raises(openai.RateLimitError) as caught:
+        chat(proxy.client(max_retries=2))
+    final_error(caught)
+    assert caught.value.code == "insufficient_quota"
+    no_more_attempts(sim, 1, within=0.3)
+    assert settled(sim).accepted == 0
+    counted(proxy, sim, "quota")
+
+
+# -- 4xx -------------------------------------------------------------------------------------------------------
+
+
+def test_400_on_service_tier_the_proxy_chose_is_resent_once_without_it(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("tier_400"))
+    raw = chat(proxy.client())
+    assert raw.http_response.status_code == 200
+    assert [r.tier for r in sim.requests] == ["flex", None]
+    assert b"service_tier" not in sim.requests[1].body
+    billing = settled(sim)
+    assert (billing.accepted, billing.refused) == (1, 1)
+    counted(proxy, sim, "ok")
+    assert proxy.metric("flexproxy_tier_rejections_total") == 1
+
+
+def test_400_on_service_tier_the_client_chose_is_passed_through(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("tier_400"))
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(proxy.client(), service_tier="flex")
+    final_error(caught)
+    assert caught.value.param == "service_tier"
+    no_more_attempts(sim, 1, within=0.3)
+    settled(sim)
+    counted(proxy, sim, "tier_rejected")
+
+
+@pytest.mark.parametrize("error", [CONTEXT_LENGTH, CONTENT_FILTER], ids=["context-length", "content-filter"])
+def test_400_that_no_retry_can_fix_is_passed_through_once(
+    make_proxy: Maker, sim: Simulator, error: dict[str, Any]
+) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("ok", status=400, body=json.dumps({"error": error}).encode()))
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(proxy.client(max_retries=2))
+    final_error(caught)
+    assert caught.value.response.json() == {"error": error}  # upstream's body, as it came
+    no_more_attempts(sim, 1, within=0.3)
+    assert settled(sim).accepted == 0
+    counted(proxy, sim, "upstream_error")
+
+
+# -- 5xx -------------------------------------------------------------------------------------------------------
+
+
+def test_500_once_is_retried_after_the_minimum_gap(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("server_error", status=500))
+    raw = chat(proxy.client())
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-flex-attempts"] == "2"
+    assert [r.tier for r in sim.requests] == ["flex", "flex"]
+    assert_gaps_at_least(sim, MIN_GAP_S)
+    billing = settled(sim)
+    assert (billing.accepted, billing.refused) == (1, 1)
+    counted(proxy, sim, "ok")
+
+
+def test_503_persistent_ends_in_a_final_503(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(*[Reply("server_error", status=503)] * 5)
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(proxy.client(max_retries=2))
+    assert caught.value.status_code == 503
+    final_error(caught)
+    assert caught.value.code == "server_is_overloaded"
+    no_more_attempts(sim, 3, within=0.5)  # 1 + max_retries, and no SDK re-sends on top
+    assert_gaps_at_least(sim, MIN_GAP_S)
+    assert settled(sim).accepted == 0
+    counted(proxy, sim, "server_error")
+
+
+# -- connections -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["reset", "drop"])
+def test_connection_closed_before_headers_at_once_is_resent(make_proxy: Maker, sim: Simulator, kind: str) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply(kind))
+    raw = chat(proxy.client())
+    assert raw.http_response.status_code == 200
+    assert len(sim.requests) == 2
+    assert_gaps_at_least(sim, MIN_GAP_S)
+    billing = settled(sim)
+    assert (billing.accepted, billing.refused) == (1, 1)
+    counted(proxy, sim, "ok")
+
+
+@pytest.mark.parametrize("kind", ["reset", "drop"])
+def test_connection_closed_after_a_silence_is_not_resent(make_proxy: Maker, sim: Simulator, kind: str) -> None:
+    # Silent longer than reset_retry_window_s, then closed: upstream may have been working, so no re-send.
+    proxy = fast(make_proxy, upstream_timeout_s=2, reset_retry_window_s=0.2)
+    sim.script(Reply(kind, delay_s=0.5))
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(proxy.client(max_retries=2))
+    assert caught.value.status_code == 502
+    final_error(caught)
+    assert caught.value.code == "upstream_disconnected"
+    no_more_attempts(sim, 1, within=0.5)
+    assert settled(sim).undelivered == 1  # billed, never seen
+    counted(proxy, sim, "unreachable")
+    # The cost metrics must not count less than upstream billed: accepted work nobody read is counted apart.
+    assert eventually(lambda: proxy.metric("flexproxy_unread_answers_total") == 1, 2), (
+        "a request upstream accepted (silent, then dropped) is missing from flexproxy_unread_answers_total"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "tier", "timeout"), [("o3", "flex", 1.5), ("gpt-4.1", "standard", 0.3)], ids=["flex", "standard"]
+)
+def test_accepted_then_silent_times_out_by_tier_and_is_not_resent(
+    make_proxy: Maker, sim: Simulator, model: str, tier: str, timeout: float
+) -> None:
+    proxy = fast(make_proxy, upstream_timeout_s=1.5, standard_timeout_s=0.3)
+    sim.script(Reply("hang"))
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(proxy.client(max_retries=2), model=model)
+    elapsed = time.monotonic() - started
+    assert caught.value.status_code == 504
+    final_error(caught)
+    assert caught.value.code == "upstream_timeout"
+    assert timeout <= elapsed < timeout + 0.9, elapsed  # the tier's own time to first byte, not the other's
+    assert sim.requests[0].closed_by_peer.wait(5)  # the proxy closed the upstream request
+    no_more_attempts(sim, 1, within=0.5)
+    assert settled(sim).undelivered == 1
+    counted(proxy, sim, "timeout")
+    assert proxy.metric("flexproxy_requests_total", outcome="timeout", requested_tier=tier) == 1
+    assert proxy.metric("flexproxy_upstream_attempts_total", tier=tier, status_class="timeout") == 1
+    assert proxy.metric("flexproxy_unread_answers_total", tier=tier) == 1
+
+
+def test_flex_may_stay_silent_longer_than_standard(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy, upstream_timeout_s=2.0, standard_timeout_s=0.3)
+    sim.script(Reply("slow", delay_s=0.6))
+    raw = chat(proxy.client())
+    assert raw.parse().service_tier == "flex"
+    assert len(sim.requests) == 1
+    counted(proxy, sim, "ok")
+
+
+# -- streams -----------------------------------------------------------------------------------------------------
+
+
+def test_slow_first_token_within_the_timeout_is_a_whole_stream(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy, upstream_timeout_s=2.0)
+    sim.script(Reply("slow_first_token", delay_s=0.6))
+    chunks = list(chat_stream(proxy.client()))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(sim.requests) == 1
+    assert settled(sim).delivered == 1
+    counted(proxy, sim, "ok")
+
+
+def test_slow_first_token_past_the_timeout_is_a_504_not_resent(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("slow_first_token", delay_s=30))
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat_stream(proxy.client(max_retries=2))
+    assert caught.value.status_code == 504
+    final_error(caught)
+    assert sim.requests[0].closed_by_peer.wait(5)
+    no_more_attempts(sim, 1, within=0.5)
+    assert settled(sim).undelivered == 1
+    counted(proxy, sim, "timeout")
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_stream_cut_ends_with_one_in_band_error(make_proxy: Maker, sim: Simulator, endpoint: str) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("cut_stream", events=3))
+    client = proxy.client(max_retries=2)
+    if endpoint == "chat":
+        received = []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in chat_stream(client):
+                received.append(chunk)
+        assert caught.value.code == "upstream_incomplete"
+        assert 1 <= len(received) <= 4
+    else:
+        events = list(client.responses.create(model="o3", input="hi", stream=True))
+        assert [e.type for e in events].count("error") == 1
+        assert events[-1].type == "error" and events[-1].code == "upstream_incomplete"  # type: ignore[union-attr]
+        assert "response.completed" not in [e.type for e in events]
+    no_more_attempts(sim, 1, within=0.5)
+    assert settled(sim).undelivered == 1
+    counted(proxy, sim, "stream_cut")
+    assert proxy.metric("flexproxy_unread_answers_total") == 1
+
+
+def test_non_stream_body_cut_is_a_502_not_resent(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("cut_stream"))
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(proxy.client(max_retries=2))
+    assert caught.value.status_code == 502
+    final_error(caught)
+    assert caught.value.code == "upstream_incomplete"
+    no_more_attempts(sim, 1, within=0.5)
+    assert settled(sim).undelivered == 1
+    counted(proxy, sim, "stream_cut")
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_stream_stall_ends_with_an_idle_timeout_error_and_closes_upstream(
+    make_proxy: Maker, sim: Simulator, endpoint: str
+) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("stall", events=2, delay_s=30))
+    client = proxy.client(max_retries=2)
+    started = time.monotonic()
+    if endpoint == "chat":
+        with pytest.raises(openai.APIError) as caught:
+            for _ in chat_stream(client):
+                pass
+        assert caught.value.code == "stream_idle_timeout"
+    else:
+        events = list(client.responses.create(model="o3", input="hi", stream=True))
+        assert events[-1].type == "error" and events[-1].code == "stream_idle_timeout"  # type: ignore[union-attr]
+        assert [e.type for e in events].count("error") == 1
+    assert 0.5 <= time.monotonic() - started < 2.0
+    assert sim.requests[0].closed_by_peer.wait(5)
+    no_more_attempts(sim, 1, within=0.3)
+    assert settled(sim).undelivered == 1
+    counted(proxy, sim, "stream_cut")
+
+
+def test_non_stream_stall_is_a_504_not_resent(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("stall", delay_s=30))
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(proxy.client(max_retries=2))
+    assert caught.value.status_code == 504
+    final_error(caught)
+    assert sim.requests[0].closed_by_peer.wait(5)
+    no_more_attempts(sim, 1, within=0.3)
+    assert settled(sim).undelivered == 1
+    counted(proxy, sim, "timeout")
+
+
+def test_malformed_event_is_passed_on_as_it_came(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("malformed_event"))
+    body = {"model": "o3", "messages": MESSAGES, "stream": True}
+    with httpx.stream(
+        "POST", proxy.base_url + "/chat/completions", json=body, headers={"authorization": "Bearer k"}
+    ) as r:
+        assert r.status_code == 200
+        data = r.read()
+    assert b'data: {"id": "chatcmpl-broken", "choices": [\n\n' in data  # the bytes upstream sent, untouched
+    assert data.endswith(b"data: [DONE]\n\n")
+    assert b'"error"' not in data
+    assert len(sim.requests) == 1
+    assert settled(sim).delivered == 1
+    counted(proxy, sim, "ok")
+    assert proxy.metric("flexproxy_tokens_total", kind="output") == 20  # the usage after it was still read
+
+
+def test_malformed_event_reaches_the_sdk_as_it_would_without_the_proxy(make_proxy: Maker, sim: Simulator) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("malformed_event"))
+    with pytest.raises(json.JSONDecodeError):  # the SDK's own reaction to a non-JSON event
+        for _ in chat_stream(proxy.client()):
+            pass
+    assert len(sim.requests) == 1
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_without_done_is_whole(make_proxy: Maker, sim: Simulator, include_usage: bool) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("no_done"))
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = list(chat_stream(proxy.client(), **extra))  # ends without raising
+    finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finished] == ["stop"]
+    assert (chunks[-1].usage is not None) is include_usage
+    assert len(sim.requests) == 1
+    assert settled(sim).delivered == 1
+    counted(proxy, sim, "ok")
+    assert proxy.metric("flexproxy_tokens_total", kind="output") == 20
+
+
+@pytest.mark.parametrize("kind", ["stream_error", "prelude_then_error"])
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_flex_error_before_the_stream_commits_is_retried(
+    make_proxy: Maker, sim: Simulator, kind: str, endpoint: str
+) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply(kind))
+    client = proxy.client()
+    if endpoint == "chat":
+        chunks = list(chat_stream(client))
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    else:
+        events = list(client.responses.create(model="o3", input="hi", stream=True))
+        types = [e.type for e in events]
+        assert types.count("response.created") == 1 and types[-1] == "response.completed"
+        assert "error" not in types
+    assert [r.tier for r in sim.requests] == ["flex", "flex"]
+    assert_gaps_at_least(sim, PROBE_GAP_S)
+    billing = settled(sim)
+    assert (billing.accepted, billing.refused) == (1, 1)
+    counted(proxy, sim, "ok")
+
+
+# -- upstream down, then back -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_port_sim() -> Iterator[tuple[Simulator, int]]:
+    yield Simulator(SimOptions()), free_port()
+
+
+def test_upstream_down_then_back(make_proxy: Maker, own_port_sim: tuple[Simulator, int]) -> None:
+    sim, port = own_port_sim
+    proxy = fast(make_proxy, upstream_base_url=f"http://127.0.0.1:{port}/v1")
+    client = proxy.client(max_retries=2)
+    with SimServer(sim, port=port):
+        assert chat(client).http_response.status_code == 200
+    # Down: nothing listens. Each refused connection is re-sent (nothing reached upstream), then a final 502.
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as caught:
+        chat(client)
+    assert caught.value.status_code == 502
+    final_error(caught)
+    assert caught.value.code == "upstream_unreachable"
+    assert time.monotonic() - started >= 2 * MIN_GAP_S - EARLY_S  # two gaps between three attempts
+    assert proxy.metric("flexproxy_upstream_attempts_total", status_class="connection_error") == 3
+    assert proxy.metric("flexproxy_requests_total", outcome="unreachable") == 1
+    # Back on the same port: answered again.
+    with SimServer(sim, port=port):
+        raw = chat(client)
+        assert raw.http_response.status_code == 200
+    assert len(sim.requests) == 2  # the whole outage reached upstream not once
+    assert sim.billing().accepted == 2  # the two answers, each billed once
+
+
+def test_upstream_back_during_the_backoff_answers_the_waiting_request(
+    make_proxy: Maker, own_port_sim: tuple[Simulator, int]
+) -> None:
+    sim, port = own_port_sim
+    proxy = fast(make_proxy, upstream_base_url=f"http://127.0.0.1:{port}/v1", min_backoff_s=0.5)
+    holder: list[SimServer] = []
+
+    def come_back() -> None:  # as soon as the proxy has found upstream down once
+        if eventually(lambda: proxy.metric("flexproxy_upstream_attempts_total", status_class="connection_error") >= 1):
+            holder.append(SimServer(sim, port=port).start())
+
+    thread = threading.Thread(target=come_back)
+    thread.start()
+    try:
+        raw = chat(proxy.client())
+        thread.join(10)
+        assert raw.http_response.status_code == 200
+        assert int(raw.headers["x-flex-attempts"]) >= 2
+        assert len(sim.requests) == 1
+    finally:
+        thread.join(10)
+        for server in holder:
+            server.stop()
+
+
+# -- the client leaves -----------------------------------------------------------------------------------------
+
+
+def _post(proxy: ProxyServer, timeout: float, stream: bool = False) -> None:
+    """A client (no SDK deadline header) that gives up after `timeout` seconds and closes its connection."""
+    body = {"model": "o3", "messages": MESSAGES, "stream": stream}
+    with contextlib.suppress(httpx.TimeoutException):
+        httpx.post(
+            proxy.base_url + "/chat/completions", json=body, headers={"authorization": "Bearer k"}, timeout=timeout
+        )
+
+
+@pytest.mark.parametrize(
+    "reply", [Reply("rate_limit_429", retry_after_ms=1000), Reply("flex_429", retry_after_ms=1000)],
+    ids=["rate-limit-backoff", "flex-gate-wait"],
+)  # fmt: skip
+def test_client_gone_during_backoff_stops_the_retries(make_proxy: Maker, sim: Simulator, reply: Reply) -> None:
+    proxy = fast(make_proxy)
+    sim.script(reply)
+    _post(proxy, timeout=0.3)
+    no_more_attempts(sim, 1, within=1.2)  # the retry was due 1 s after the 429
+    counted(proxy, sim, "client_disconnected")
+    assert settled(sim).accepted == 0
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+@pytest.mark.parametrize("reply", [Reply("hang"), Reply("slow_first_token", delay_s=30)], ids=["hang", "headers-only"])
+def test_client_gone_before_the_first_event_closes_upstream_at_once(
+    make_proxy: Maker, sim: Simulator, reply: Reply, stream: bool
+) -> None:
+    proxy = fast(make_proxy, upstream_timeout_s=30, standard_timeout_s=30)
+    sim.script(reply)
+    _post(proxy, timeout=0.4, stream=stream)
+    gave_up = time.monotonic()
+    assert sim.requests[0].closed_by_peer.wait(5), "the upstream request was left open"
+    ended_at = sim.requests[0].ended_at
+    assert ended_at is not None and ended_at - gave_up < 2.0  # at once, not when upstream would have answered
+    no_more_attempts(sim, 1, within=0.3)
+    counted(proxy, sim, "client_disconnected")
+    assert settled(sim).undelivered == 1
+    assert proxy.metric("flexproxy_unread_answers_total") == 1
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_client_gone_mid_stream_closes_upstream(make_proxy: Maker, sim: Simulator, endpoint: str) -> None:
+    proxy = fast(make_proxy)
+    sim.script(Reply("ok", events=40, event_interval_s=0.05))
+    client = proxy.client()
+    stream: Any = (
+        chat_stream(client) if endpoint == "chat" else client.responses.create(model="o3", input="hi", stream=True)
+    )
+    for _, _event in zip(range(4), stream, strict=False):
+        pass
+    stream.close()
+    assert sim.requests[0].closed_by_peer.wait(5), "the upstream stream was left open"
+    assert not sim.requests[0].delivered  # the proxy stopped reading before the usage came
+    no_more_attempts(sim, 1, within=0.3)
+    counted(proxy, sim, "client_disconnected")
+    assert settled(sim).undelivered == 1
+    assert proxy.metric("flexproxy_unread_answers_total") == 1
