@@ -310,6 +310,13 @@ class _Server(uvicorn.Server):
         if self.started:
             self.announce()
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn runs the app's lifespan shutdown only after the drain: say "not ready" as the drain begins.
+        services = getattr(self.config.app, "services", None)
+        if services is not None:
+            services.draining = True
+        await super().shutdown(sockets)
+
 
 def _raise_open_file_limit() -> None:
     """Each held request costs two sockets; many runtimes start processes with a soft limit of 1,024."""

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import __version__
 from .config import Strategy, is_loopback
-from .errors import ClientError, FlexProxyError, Unauthorized
+from .errors import AdminKeyNotSet, ClientError, FlexProxyError, NotFound, Unauthorized
 from .gate import State
 from .observed import RATE_WINDOW_S
 from .policies import Policy, Rule
@@ -30,18 +30,6 @@ API_ROOTS = frozenset({
     "files", "fine_tuning", "images", "models", "moderations", "realtime", "responses", "threads", "uploads",
     "vector_stores", "videos",
 })  # fmt: skip
-
-
-class AdminKeyNotSet(ClientError):
-    """The control plane is reachable beyond loopback, but no admin key was set to open it."""
-
-    status = 403
-    code = "admin_key_not_set"
-
-
-class NotFound(ClientError):
-    status = 404
-    code = "unknown_url"
 
 
 class ErrorDetail(BaseModel):

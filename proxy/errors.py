@@ -1,7 +1,8 @@
 """One error tree for the proxy, and the OpenAI-shaped envelope every error reaches the client in.
 
     FlexProxyError
-    ├── ClientError               the request itself is wrong (400, 401, 413), or past its client's cap (429)
+    ├── ClientError               the request itself is wrong (400, 401, 404, 413), or past its client's cap (429)
+    │   (AdminKeyNotSet, 403: the control plane beyond loopback without FLEX_PROXY_ADMIN_KEY)
     └── UpstreamError             the upstream could not give an answer (502)
         ├── UpstreamUnreachable   no connection could be made: nothing was sent (502)
         ├── UpstreamDropped       the connection closed or reset before any answer byte (502)
@@ -54,6 +55,18 @@ class BodyTooLarge(ClientError):
 class Unauthorized(ClientError):
     status = 401
     code = "invalid_api_key"
+
+
+class AdminKeyNotSet(ClientError):
+    """The control plane is reachable beyond loopback, but no admin key was set to open it."""
+
+    status = 403
+    code = "admin_key_not_set"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "unknown_url"
 
 
 class SpendCapReached(ClientError):

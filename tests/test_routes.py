@@ -129,7 +129,7 @@ def test_unknown_paths_and_methods_pass_through_with_query(proxy: ProxyServer, s
 
 def test_healthz(proxy: ProxyServer) -> None:
     response = httpx.get(proxy.url + "/healthz")
-    assert (response.status_code, response.text) == (200, "ok\n")
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
 
 # -- when flex is unavailable ------------------------------------------------------------------------------
