@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine.describe(),
         "seconds": {},
     }
+    began = time.monotonic()
     for name, scenario in SCENARIOS.items():
         if args.only and name not in args.only:
             continue
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = scenario(plan, work, log_dir)
         results["seconds"][name] = round(time.monotonic() - start, 1)
         print(f"bench: {name} done in {results['seconds'][name]} s", file=sys.stderr, flush=True)
+    results["seconds"]["total"] = round(time.monotonic() - began, 1)
     results["verdicts"] = report.verdicts(results)
     raw = json.dumps(results, indent=2)
     (work / "results.json").write_text(raw)
@@ -78,5 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         docs.write_text(report.render(results))
     for row in results["verdicts"]:
         print(f"{'met    ' if row['met'] else 'NOT MET'}  {row['target']}: {row['measured']}")
+    print(f"bench: {results['seconds']['total']} s in all", file=sys.stderr)
     print(f"raw results: {work / 'results.json'}" + (f"; report: {docs}" if docs else ""))
     return 0

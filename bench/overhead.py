@@ -1,5 +1,6 @@
 """Scenario 1, overhead: the small chat POST through wrk against nginx canned (direct), nginx as a plain
-reverse proxy in front of it, and flex-proxy in front of it; at 1 and at 32 connections."""
+reverse proxy in front of it, and flex-proxy in front of it with the flex gate on (its default) and off; at 1
+and at 32 connections."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .plan import CHAT_HEADERS, SMALL_CHAT_BODY, Plan
 from .stats import ratio
 
 PATH = "/v1/chat/completions"
-TARGETS = ("direct", "nginx", "flex-proxy")
+GATE_OFF = "flex-proxy gate off"
+TARGETS = ("direct", "nginx", "flex-proxy", GATE_OFF)
 
 
 def check_proxy_injects(port: int) -> dict[str, str]:
@@ -36,11 +38,17 @@ def run(plan: Plan, work: Path, log_dir: Path) -> dict[str, Any]:
     with nginx.canned(log_dir) as canned:
         relay = nginx.relay(log_dir, canned.port)
         proxy = procs.proxy(log_dir, f"http://127.0.0.1:{canned.port}/v1")
-        with procs.running(relay, proxy):
+        gate_off = procs.proxy(log_dir, f"http://127.0.0.1:{canned.port}/v1", "flex-proxy-gate-off", flex_gate="false")
+        with procs.running(relay, proxy, gate_off):
             headers = check_proxy_injects(proxy.port)
-            services = {"direct": canned, "nginx": relay, "flex-proxy": proxy}
+            check_proxy_injects(gate_off.port)
+            services = {"direct": canned, "nginx": relay, "flex-proxy": proxy, GATE_OFF: gate_off}
             for round_ in range(plan.wrk_rounds):  # interleaved, so drift on a shared machine hits all alike
-                for name, service in services.items():
+                order = list(TARGETS)
+                if round_ % 2:  # gate on and off take turns to go first, so neither always follows the other
+                    order[2], order[3] = order[3], order[2]
+                for name in order:
+                    service = services[name]
                     url = f"http://127.0.0.1:{service.port}{PATH}"
                     if round_ == 0:
                         wrk.run(url, script, threads=2, connections=32, duration_s=plan.wrk_warmup_s)
@@ -49,7 +57,9 @@ def run(plan: Plan, work: Path, log_dir: Path) -> dict[str, Any]:
                             _measure(url, script, service.pid, threads, connections, plan.wrk_duration_s)
                         )
     results = {name: {level: _mean(runs) for level, runs in levels.items()} for name, levels in rounds.items()}
+    gate = {level: gate_round_ratios(rounds, level) for level in rounds["flex-proxy"]}
     return {"targets": results, "compare": _compare(results), "proxy_headers": headers, "rounds": rounds,
+            "gate_round_ratios": gate,
             "body": SMALL_CHAT_BODY, "canned_answer_bytes": len(nginx.canned_answer_text())}  # fmt: skip
 
 
@@ -88,4 +98,13 @@ def _compare(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 out[name][level]["rps_ratio_vs_nginx"] = ratio(
                     figures["requests_per_s"], results["nginx"][level]["requests_per_s"]
                 )
+                off = results[GATE_OFF][level]
+                out[name][level]["rps_ratio_vs_gate_off"] = ratio(figures["requests_per_s"], off["requests_per_s"])
+                out[name][level]["added_p50_ms_vs_gate_off"] = figures["p50_ms"] - off["p50_ms"]
     return out
+
+
+def gate_round_ratios(rounds: dict[str, dict[str, list[dict[str, Any]]]], level: str) -> list[float]:
+    """Gate on over gate off, requests/s, round by round (each pair measured back to back)."""
+    on, off = rounds["flex-proxy"][level], rounds[GATE_OFF][level]
+    return [ratio(a["requests_per_s"], b["requests_per_s"]) for a, b in zip(on, off, strict=True)]

@@ -16,7 +16,7 @@ class Plan:
     wrk_duration_s: float = 10.0
     wrk_warmup_s: float = 2.0
     wrk_connections: tuple[tuple[int, int], ...] = ((1, 1), (2, 32))  # (threads, connections)
-    wrk_rounds: int = 2  # every target at every level once a round; figures are means over the rounds
+    wrk_rounds: int = 4  # every target at every level once a round; figures are means over the rounds
     # 2. held connections
     held_requests: int = 8000
     held_fallbacks: tuple[int, ...] = (6000, 4000, 2000, 1000)  # tried in turn if a level fails
@@ -30,13 +30,16 @@ class Plan:
     stream_events: int = 200
     stream_interval_s: float = 0.005
     stream_runs: int = 10  # per target, alternating direct and proxied
-    # 5. scarce flex
-    scarce_requests: int = 1000
-    scarce_concurrency: int = 50
-    scarce_busy_share: float = 0.3
-    scarce_burst_s: float = 2.0
-    scarce_latency_standard_s: float = 0.05
-    scarce_latency_flex_s: float = 0.15
+    # 5. scarce flex (issue 9): flex busy for the first busy_for_s of every busy_period_s; open-loop arrivals
+    scarce_requests: int = 300
+    scarce_rate_per_s: float = 10.0
+    scarce_busy_period_s: float = 10.0
+    scarce_busy_for_s: float = 3.0
+    scarce_latency_standard_s: float = 0.2
+    scarce_latency_flex_s: float = 0.3
+    scarce_timeouts_s: tuple[float, ...] = (600.0, 60.0)  # the SDK's timeout= (its default, and a short one)
+    scarce_tuned: tuple[dict[str, object], ...] = ()  # proxy settings for extra rows labelled "tuned: ..."
+    scarce_sensitivity: tuple[float, ...] = (0.6,)  # flex latencies for extra rows: gate on, defaults, 1st timeout
 
     @classmethod
     def full(cls) -> Plan:
@@ -56,8 +59,13 @@ class Plan:
             body_requests=5,
             body_warmup=1,
             stream_runs=2,
-            scarce_requests=200,
-            scarce_burst_s=0.25,
+            scarce_requests=40,
+            scarce_rate_per_s=20.0,
+            scarce_busy_period_s=1.0,
+            scarce_busy_for_s=0.3,
+            scarce_latency_standard_s=0.05,
+            scarce_latency_flex_s=0.05,
+            scarce_sensitivity=(),
         )
 
     def as_dict(self) -> dict[str, Any]:

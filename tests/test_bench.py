@@ -14,6 +14,7 @@ import pytest
 
 from bench import nginx, report, scarce, wrk
 from bench.bodies import chat_body
+from bench.plan import Plan
 from bench.stats import percentile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,10 +73,65 @@ def test_o3_cost_prices_cached_and_output_tokens() -> None:
     assert scarce.cost(usage, scarce.FLEX_RATES) == pytest.approx(scarce.cost(usage, scarce.STANDARD_RATES) / 2)
 
 
-def test_seed_starts_free_then_busy_with_the_asked_share() -> None:
-    seed, pattern = scarce.choose_seed(0.3)
-    assert (pattern[0], pattern[1], sum(pattern)) == (False, True, 3)
-    assert scarce.choose_seed(0.3) == (seed, pattern)
+@pytest.mark.parametrize(
+    ("arrival", "wait"), [(0.0, 3.0), (0.1, 2.9), (2.9, 0.1), (3.0, 0.0), (9.9, 0.0), (10.0, 3.0), (21.5, 1.5)]
+)
+def test_busy_wait_is_the_time_to_the_end_of_the_busy_part(arrival: float, wait: float) -> None:
+    assert scarce.busy_wait_s(arrival, 10.0, 3.0) == pytest.approx(wait)
+
+
+def test_perfect_knowledge_row_is_the_physical_limit() -> None:
+    """Issue 9's workload: 300 arrivals at 10/s, flex busy 3 s of every 10 s, flex answering in 0.3 s."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100}
+    row = scarce.perfect(Plan.full(), usage, 0.3)
+    assert (row["requests"], row["answered"], row["failures"], row["waited"]) == (300, 300, 0, 90)
+    assert (row["flex_share"], row["attempts_per_request"]) == (1.0, 1.0)
+    assert row["p50_s"] == pytest.approx(0.3)
+    assert row["max_s"] == pytest.approx(3.3)  # arrived as a busy part began: waits 3 s, then 0.3 s on flex
+    assert row["p95_s"] == pytest.approx(2.8, abs=0.01)
+    assert row["cost_ratio"] == pytest.approx(0.5)
+
+
+def test_scarce_rows_are_gate_on_and_off_at_every_timeout_then_the_tuned() -> None:
+    plan = Plan(scarce_tuned=({"gate_probe_max_s": 0.5},), scarce_sensitivity=(0.6,))
+    labels = [(row.label, row.timeout_s, row.latency_flex_s, row.settings) for row in scarce.rows(plan)]
+    assert labels == [
+        ("gate on (defaults)", 600.0, 0.3, {}), ("gate on (defaults)", 60.0, 0.3, {}),
+        ("gate off", 600.0, 0.3, {"flex_gate": "false"}), ("gate off", 60.0, 0.3, {"flex_gate": "false"}),
+        ("tuned: FLEX_PROXY_GATE_PROBE_MAX_S=0.5", 600.0, 0.3, {"gate_probe_max_s": 0.5}),
+        ("tuned: FLEX_PROXY_GATE_PROBE_MAX_S=0.5", 60.0, 0.3, {"gate_probe_max_s": 0.5}),
+        ("gate on (defaults), flex answering in 0.6 s", 600.0, 0.6, {}),
+    ]  # fmt: skip
+
+
+GATE_METRICS = """flexproxy_gate_probes_total{model="o3",result="busy"} 16.0
+flexproxy_gate_probes_total{model="o3",result="ok"} 3.0
+flexproxy_gate_probes_total{model="o4-mini",result="ok"} 1.0
+flexproxy_gate_transitions_total{model="o3",to="busy"} 3.0
+flexproxy_cost_usd_total{endpoint="chat",model="o3",tier="flex"} 0.25
+flexproxy_cost_usd_total{endpoint="chat",model="o3",tier="default"} 0.5
+"""
+
+
+def test_proxy_metrics_sum_costs_and_gate_counts_over_labels() -> None:
+    got = scarce.proxy_metrics(GATE_METRICS)
+    assert got["flexproxy_cost_usd_total"] == pytest.approx(0.75)
+    assert got["gate_probes"] == {"busy": 16, "ok": 4}
+    assert got["gate_transitions"] == {"busy": 3}
+
+
+def _scarce_row(**changes: Any) -> dict[str, Any]:
+    row = {"failures": 0, "flex_share": 0.99, "attempts_per_request": 1.2, "p95_s": 4.0}
+    return {**row, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "met"),
+    [({}, True), ({"failures": 1}, False), ({"flex_share": 0.989}, False), ({"attempts_per_request": 1.21}, False),
+     ({"p95_s": 4.01}, False)],
+)  # fmt: skip
+def test_scarce_targets_are_issue_9s(changes: dict[str, Any], met: bool) -> None:
+    assert report.meets_scarce(_scarce_row(**changes)) is met
 
 
 def test_canned_answer_needs_no_nginx_escaping() -> None:
@@ -116,7 +172,7 @@ def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
         assert not bad, f"{scenario}: not finite at {bad}"
 
     overhead = results["overhead"]["targets"]
-    for target in ("direct", "nginx", "flex-proxy"):
+    for target in ("direct", "nginx", "flex-proxy", "flex-proxy gate off"):
         for level in ("c1", "c32"):
             figures = overhead[target][level]
             assert figures["requests_per_s"] > 0 and figures["p50_ms"] > 0, (target, level)
@@ -135,18 +191,25 @@ def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert streams["events_per_stream"] >= 200
     assert streams["flex-proxy"]["ttfe_p50_ms"] > 0
 
-    strategies = results["scarce"]["strategies"]
-    assert set(strategies) == set(scarce.STRATEGIES)
-    both = strategies["backoff-then-standard"]
-    assert both["failures"] == 0 and both["answered"] == both["requests"] == 200
-    for name, figures in strategies.items():
-        assert figures["requests"] == 200, name
+    scarce_rows = results["scarce"]["rows"]
+    assert [(x["label"], x["timeout_s"]) for x in scarce_rows.values()] == [
+        ("gate on (defaults)", 600.0), ("gate on (defaults)", 60.0), ("gate off", 600.0), ("gate off", 60.0)
+    ]  # fmt: skip
+    for name, figures in scarce_rows.items():
+        # backoff-then-standard (the default) answers everything, on flex or on standard.
+        assert figures["answered"] == figures["requests"] == 40 and figures["failures"] == 0, name
+        assert figures["upstream"]["flex_429"] > 0 and figures["attempts_per_request"] > 1, name  # it met busy flex
         assert 0 < figures["cost_usd"] <= figures["all_standard_usd"], name
         assert figures["proxy_metrics"]["flexproxy_cost_usd_total"] == pytest.approx(figures["cost_usd"]), name
+    gate_on = scarce_rows["gate on (defaults) | 600 s"]["proxy_metrics"]
+    assert gate_on["gate_transitions"].get("busy", 0) >= 1 and sum(gate_on["gate_probes"].values()) >= 1
+    assert scarce_rows["gate off | 600 s"]["proxy_metrics"]["gate_probes"] == {}
+    assert results["scarce"]["perfect"]["attempts_per_request"] == 1.0
+    assert results["overhead"]["compare"]["flex-proxy"]["c32"]["rps_ratio_vs_gate_off"] > 0
 
     assert [row["target"] for row in results["verdicts"]] == [row["target"] for row in report.verdicts(results)]
-    assert len(results["verdicts"]) == 5
+    assert len(results["verdicts"]) == 8
     text = docs.read_text()
     for heading in ("## Machine", "## Targets", "## 1. Overhead", "## 2. Held", "## 3. Large", "## 4. Streams",
-                    "## 5. Scarce", "## Raising the open-files limit"):  # fmt: skip
+                    "## 5. Scarce", "perfect knowledge", "## Raising the open-files limit"):  # fmt: skip
         assert heading in text, heading
