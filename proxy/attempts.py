@@ -97,7 +97,9 @@ class Attempts:
                         return last_429
                     raise FlexBusy("Flex capacity stayed unavailable for as long as this request could wait.")
             rec.attempts += 1
-            if self.on_flex:
+            if self.on_flex and not (flex_pass is not None and flex_pass.probe):
+                # A busy gate's probe is sent on the whole pool's behalf: it does not use up this request's own
+                # flex attempts, which its flex deadline bounds instead.
                 progress.flex_attempts += 1
             tier = job.changes.get("service_tier", job.decision.tier)
             tier_name = tier_label(None if tier is DROP else tier)

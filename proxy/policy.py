@@ -149,6 +149,7 @@ class Limits:
     max_retry_after_s: float = math.inf
     retry_read_timeouts: bool = False
     reset_window_s: float = 0.0
+    standard_reserve_s: float = 1.0  # what a standard answer is known to need (the learned reserve)
 
 
 def parse_strategy(value: str | None, default: str) -> str:
@@ -226,6 +227,7 @@ def limits_for(
         max_retry_after_s=settings.max_retry_after_s,
         retry_read_timeouts=settings.retry_read_timeouts,
         reset_window_s=settings.reset_retry_window_s,
+        standard_reserve_s=standard_reserve_s,
     )
 
 
@@ -331,13 +333,20 @@ def _flex_unavailable(
         delay = backoff_delay(limits, progress.flex_attempts - 1, rand, retry_after)
         if now + delay <= limits.flex_deadline and now + delay + MIN_ATTEMPT_S <= limits.deadline:
             return Action(Step.RETRY, delay, "flex_unavailable")
-    if strategy in ("standard", "backoff-then-standard") and now + MIN_ATTEMPT_S <= limits.deadline:
+    if strategy in ("standard", "backoff-then-standard") and _time_for_standard(limits, now):
         return Action(Step.FALLBACK, 0.0, "flex_unavailable")
     return ANSWER
 
 
+def _time_for_standard(limits: Limits, now: float) -> bool:
+    """Whether a standard re-send can still answer before the deadline: it needs MIN_ATTEMPT_S, or less where
+    standard is known to answer faster. (Half the reserve: the flex deadline leaves exactly the reserve, and the
+    timer that ends a wait for flex fires a little after it.)"""
+    return now + min(MIN_ATTEMPT_S, limits.standard_reserve_s / 2) <= limits.deadline
+
+
 def after_flex_wait(limits: Limits, now: float) -> Action:
     """Flex did not open up in time for this request (or the strategy does not wait for it): the next step."""
-    if limits.strategy in ("standard", "backoff-then-standard") and now + MIN_ATTEMPT_S <= limits.deadline:
+    if limits.strategy in ("standard", "backoff-then-standard") and _time_for_standard(limits, now):
         return Action(Step.FALLBACK, 0.0, "flex_unavailable")
     return ANSWER

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from conftest import ProxyServer
@@ -313,3 +315,67 @@ def test_rate_limits_do_not_move_the_gate(make_proxy: Callable[..., ProxyServer]
     with pytest.raises(openai.RateLimitError):
         proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
     assert proxy.metric("flexproxy_gate_transitions_total") == 0
+
+
+def test_clients_that_leave_while_waiting_free_their_places(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator
+) -> None:
+    proxy = make_proxy(gate_probe_initial_s=60, gate_probe_max_s=60)
+    sim.script(Reply(kind="flex_429"))
+    body = {"model": "o3", "messages": MESSAGES}
+    # Clients that state no deadline and give up after half a second (the SDK would say its timeout, and get a
+    # clean 429 before it rather than wait): the first makes the gate busy, then waits in it.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(proxy.base_url + "/chat/completions", json=body, headers={"authorization": "Bearer k"}, timeout=0.5)
+
+    def leave() -> None:
+        with contextlib.suppress(httpx.ReadTimeout):
+            httpx.post(proxy.base_url + "/chat/completions", json=body, headers={"authorization": "Bearer k"},
+                       timeout=0.5)  # fmt: skip
+
+    threads = [threading.Thread(target=leave) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sim.wait_for(lambda: proxy.metric("flexproxy_requests_total", outcome="client_disconnected") == 9, 10)
+    assert proxy.metric("flexproxy_gate_waiting", model="o3") == 0  # every place freed
+    assert len(sim.requests) == 1  # nobody who left was sent upstream
+
+
+def test_a_flex_pool_that_never_comes_back_falls_back_before_the_deadline(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator
+) -> None:
+    proxy = make_proxy(standard_reserve_s=0.5, gate_probe_initial_s=0.2, gate_probe_max_s=0.2)
+    sim.options = type(sim.options)(flex_busy_share=1.0)  # flex refuses everything, always
+    client = proxy.client(default_headers={"X-Flex-Deadline-S": "3"})
+    started = time.monotonic()
+    raw = client.chat.completions.with_raw_response.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    took = time.monotonic() - started
+    assert raw.parse().service_tier == "default"
+    assert 1.5 < took < 3.0  # waited for flex most of its 3 s, leaving the reserve for standard
+    backoff = proxy.client(default_headers={"X-Flex-Deadline-S": "2", "X-Flex-On-Unavailable": "backoff"})
+    with pytest.raises(openai.RateLimitError) as caught:
+        backoff.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert all(r.tier == "flex" for r in sim.requests[-3:])  # backoff never paid standard
+
+
+def test_the_standard_reserve_is_learned(make_proxy: Callable[..., ProxyServer], sim: Simulator) -> None:
+    """Before any standard answer the configured reserve applies; once standard is seen to answer fast, a
+    request may wait for flex until much closer to its deadline."""
+    proxy = make_proxy(standard_reserve_s=1.5, standard_reserve_min_s=0.2, gate_probe_initial_s=5, gate_probe_max_s=5)
+    sim.script(Reply(kind="flex_429"))
+    client = proxy.client(default_headers={"X-Flex-Deadline-S": "2"})
+
+    def fallback_after() -> float:
+        started = time.monotonic()
+        answer = client.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+        assert answer.service_tier == "default"
+        return time.monotonic() - started
+
+    first = fallback_after()  # deadline 1.9 s, reserve 1.5 s: flex until 0.4 s
+    for _ in range(8):  # standard answers in milliseconds: the reserve falls to its floor, 0.2 s
+        proxy.client(default_headers={"X-Flex-Tier": "off"}).chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    second = fallback_after()  # flex until 1.7 s
+    assert first < 1.0 < second < 2.0

@@ -253,6 +253,7 @@ LIMITS = Limits(
     backoff_max_s=30.0,
     flex_deadline=120.0,
     deadline=900.0,
+    standard_reserve_s=2.0,  # the learned reserve's floor by default
 )
 
 
@@ -511,6 +512,12 @@ def test_a_bad_deadline_header_is_a_client_error(value: str) -> None:
 )
 def test_after_flex_wait(strategy: str, now: float, expected: Action) -> None:
     assert after_flex_wait(replace(LIMITS, strategy=strategy), now) == expected
+
+
+@pytest.mark.parametrize(("reserve", "now", "step"), [(0.2, 899.85, Step.FALLBACK), (0.2, 899.95, Step.ANSWER),
+                                                      (5.0, 899.5, Step.ANSWER)])  # fmt: skip
+def test_a_learned_short_reserve_lets_a_fallback_start_later(reserve: float, now: float, step: Step) -> None:
+    assert after_flex_wait(replace(LIMITS, standard_reserve_s=reserve), now).step is step
 
 
 @pytest.mark.parametrize(
