@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     on_unavailable: Strategy = Field(
         "backoff-then-standard", description="what to do when flex has no capacity: " + " | ".join(STRATEGIES)
     )
-    max_flex_attempts: int = Field(4, ge=1, le=100, description="flex attempts per request, the first included")
+    max_flex_attempts: int = Field(
+        4, ge=1, le=100, description="flex attempts per request, the first included (not a busy gate's probes)"
+    )
     backoff_initial_s: float = Field(1.0, gt=0, description="first backoff cap for retries; doubles each retry")
     backoff_max_s: float = Field(30.0, gt=0, description="largest backoff cap")
     min_backoff_s: float = Field(0.25, ge=0, description="shortest wait between two attempts of one request")
