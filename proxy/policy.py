@@ -22,6 +22,7 @@ from .errors import (
     UpstreamIncomplete,
     UpstreamTimeout,
 )
+from .policies import Policy
 
 BILLING_CODES = frozenset({
     "insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
@@ -125,16 +126,6 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
 
 
 @dataclass(frozen=True)
-class Budget:
-    """What a request's policy says about time and attempts."""
-
-    max_flex_attempts: int
-    flex_budget_s: float
-    request_budget_s: float
-    client_deadline: bool = True  # honour the client's stated deadline
-
-
-@dataclass(frozen=True)
 class Limits:
     strategy: str  # backoff | standard | backoff-then-standard | fail
     max_flex_attempts: int
@@ -196,12 +187,12 @@ def limits_for(
     now: float,
     client_wait: float | None,
     standard_reserve_s: float,
-    budget: Budget | None = None,
+    budget: Policy | None = None,
 ) -> Limits:
     """Limits for one request. Its deadline is the proxy's budget, or the client's own wait (from
     x-stainless-read-timeout or X-Flex-Deadline-S) when that is shorter; `standard_reserve_s` is kept
-    free before it for a standard re-send. `budget` (a request's policy) replaces the settings' figures."""
-    budget = budget or Budget(settings.max_flex_attempts, settings.flex_budget_s, settings.request_budget_s)
+    free before it for a standard re-send. `budget` is the request's policy (else the settings' own)."""
+    budget = budget or Policy.from_settings(settings)
     deadline = now + budget.request_budget_s
     client_deadline = False
     if client_wait is not None and budget.client_deadline:

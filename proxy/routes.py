@@ -160,11 +160,8 @@ class ProxyApp:
                 strip_usage = expect_usage = True
         family = family_of(rec.model) if rec.model else "none"
         client_wait = policy.client_wait_s(header(scope, b"x-stainless-read-timeout"), stated)
-        budget = policy.Budget(
-            chosen.max_flex_attempts, chosen.flex_budget_s, chosen.request_budget_s, chosen.client_deadline
-        )
         reserve = services.observed.reserve(family)
-        limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, budget)
+        limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, chosen)
         gate = None
         if services.gates is not None and decision.on_flex:
             gate = services.gates.get(_gate_key(family, authorization, s.gate_scope))
