@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from .accounting import Record
 from .asgi import ClientGone, DisconnectGuard, Receive, Responder, ResponseAborted, Scope, header, stream_body
-from .errors import UpstreamError, UpstreamTimeout
+from .errors import ClientError, UpstreamError, UpstreamTimeout
 from .upstream import Upstream, request_headers, response_headers
 
 
@@ -24,7 +24,12 @@ async def passthrough(
 ) -> None:
     """One attempt, no retries: these endpoints are not all idempotent (uploads, batch creation), and
     upstream may already have done the work when an attempt fails."""
-    headers = request_headers(scope["headers"], authorization, raw=True)
+    try:
+        headers = request_headers(scope["headers"], authorization, raw=True)
+    except ClientError as exc:
+        rec.outcome, rec.status = "bad_request", exc.status
+        await out.error(exc, rec.flex_headers())
+        return
     length = header(scope, b"content-length")
     chunked = (header(scope, b"transfer-encoding") or "").lower() == "chunked"
     body = None

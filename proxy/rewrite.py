@@ -118,8 +118,30 @@ class Body:
 DROP = _DROP
 
 
+class RawJSON(str):
+    """A member value given as JSON text, spliced in as it is."""
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(value, RawJSON):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def with_usage(body: Body) -> RawJSON | None:
+    """`stream_options` asking for usage too, made from the client's own text so its numbers keep their spelling
+    (`1.50`, `1e400`); None where that cannot be done without changing what the client meant."""
+    options = body.get("stream_options")
+    if options is None:
+        return RawJSON('{"include_usage":true}')
+    if not isinstance(options, dict):
+        return None  # the client's own mistake: upstream answers it as it is
+    if "include_usage" in options:
+        return None  # include_usage false, or not a boolean: the client's choice stands, and goes unpriced
+    member = next(m for m in reversed(body.order) if m.key == "stream_options")
+    text = body.text[member.value_start : member.value_end]
+    rest = text[1:].lstrip(" \t\n\r")
+    return RawJSON('{"include_usage":true' + ("" if rest.startswith("}") else ",") + text[1:])
 
 
 def parse(raw: bytes) -> Body:
@@ -132,11 +154,13 @@ def parse(raw: bytes) -> Body:
         values = json.loads(text, parse_constant=_no_constant)
         if not isinstance(values, dict):
             raise ValueError("the body must be a JSON object")
+    except RecursionError:
+        raise ClientError("The JSON body of your request is nested too deeply to read.") from None
     except ValueError as exc:
         reason = str(exc)
         try:
             _members(text)  # json's C parser is fast but terse: the member scan says where the body goes wrong
-        except (ValueError, IndexError) as precise:
+        except (ValueError, IndexError, RecursionError) as precise:
             reason = str(precise)
         raise ClientError(f"We could not parse the JSON body of your request: {reason}") from None
     return Body(raw, text, values, len(text) - len(text.lstrip(" \t\n\r")))

@@ -28,7 +28,7 @@ from .errors import ClientError, FlexProxyError, SpendCapReached, UpstreamError
 from .passthrough import passthrough, query
 from .pricing import family_of
 from .relay import deliver, retry_after_header
-from .rewrite import parse
+from .rewrite import parse, with_usage
 from .services import Services
 from .upstream import request_headers
 
@@ -43,7 +43,10 @@ class ProxyApp:
         self.s = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        rest = raw_path(scope)[3:]  # what follows /v1, escapes as the client sent them
+        raw = raw_path(scope)
+        # What follows /v1, escapes as the client sent them; uvicorn routed on the decoded path, so a prefix that
+        # only decodes to /v1/ (`/v%31/`, `/v1%2F`) is refused below rather than cut at the wrong place.
+        rest = raw[3:] if raw.startswith("/v1/") else raw
         endpoint = MODEL_ENDPOINTS.get(rest) if scope["method"] == "POST" else None
         record = Record(endpoint or "other", scope["method"], rest)
         s = self.s
@@ -83,6 +86,8 @@ class ProxyApp:
 
     async def _serve(self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard) -> None:
         try:
+            if not raw_path(scope).startswith("/v1/"):
+                raise ClientError("The request path must begin with /v1/ as written, not escaped.", code="invalid_path")
             check_path(rec.path)
             caller = self.s.auth.authorize(header(scope, b"authorization"))
         except ClientError as exc:
@@ -115,6 +120,7 @@ class ProxyApp:
             chosen = services.policies.select(rec.client, rec.model, header(scope, b"x-flex-policy"))
             strategy = policy.parse_strategy(header(scope, b"x-flex-on-unavailable"), chosen.strategy)
             stated = policy.parse_deadline(header(scope, b"x-flex-deadline-s"))
+            upstream_headers = request_headers(scope["headers"], authorization)
         except ClientGone:
             rec.outcome = "client_disconnected"
             return
@@ -154,9 +160,10 @@ class ProxyApp:
         if rec.stream and rec.endpoint == "chat":
             options = body.get("stream_options")
             expect_usage = isinstance(options, dict) and options.get("include_usage") is True
-            if not expect_usage and mode != "off":  # off: the body goes exactly as it came
+            asked = None if expect_usage or mode == "off" else with_usage(body)  # off: the body goes as it came
+            if asked is not None:
                 # Ask for usage so the answer can be priced; the extra chunk is taken out again on the way back.
-                changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                changes["stream_options"] = asked
                 strip_usage = expect_usage = True
         family = family_of(rec.model) if rec.model else "none"
         client_wait = policy.client_wait_s(header(scope, b"x-stainless-read-timeout"), stated)
@@ -171,7 +178,7 @@ class ProxyApp:
             changes=changes,
             decision=decision,
             limits=limits,
-            headers=request_headers(scope["headers"], authorization),
+            headers=upstream_headers,
             path=rec.path + query(scope),
             family=family,
             gate=gate,

@@ -15,7 +15,14 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .errors import UpstreamDropped, UpstreamError, UpstreamIncomplete, UpstreamTimeout, UpstreamUnreachable
+from .errors import (
+    ClientError,
+    UpstreamDropped,
+    UpstreamError,
+    UpstreamIncomplete,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .rewrite import Parts
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the proxy recomputes or must not pass on.
@@ -55,7 +62,12 @@ def request_headers(
             continue
         if name == "authorization" or name.startswith("x-flex-"):
             continue
-        out.add(name, raw_value.decode("latin-1"))
+        try:
+            value = raw_value.decode("ascii") if raw_value.isascii() else raw_value.decode("utf-8")
+        except UnicodeDecodeError:
+            # aiohttp writes header values as UTF-8: other bytes could not reach upstream as they were sent.
+            raise ClientError(f"The {name} header is not valid UTF-8.", param=name, code="invalid_header") from None
+        out.add(name, value)
     if authorization:
         out["authorization"] = authorization
     return out

@@ -146,7 +146,7 @@ def test_default_strategy_backs_off_then_answers_on_flex(proxy: ProxyServer, sim
 
 
 def test_default_strategy_falls_back_to_standard(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
-    proxy = make_proxy(max_flex_attempts=3)
+    proxy = make_proxy(max_flex_attempts=3, flex_gate=False)  # each request backs off on its own
     sim.script(*[Reply(kind="flex_429")] * 3)
     raw = chat(proxy.client())
     assert raw.parse().service_tier == "default"
@@ -166,7 +166,7 @@ def test_standard_strategy_resends_at_once(make_proxy, sim: Simulator) -> None: 
 
 
 def test_backoff_strategy_gives_up_with_a_429_the_sdk_will_not_retry(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
-    proxy = make_proxy(on_unavailable="backoff", max_flex_attempts=3)
+    proxy = make_proxy(on_unavailable="backoff", max_flex_attempts=3, flex_gate=False)
     sim.script(*[Reply(kind="flex_429")] * 5)
     with pytest.raises(openai.RateLimitError) as caught:
         proxy.client(max_retries=2).chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
