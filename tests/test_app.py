@@ -172,7 +172,8 @@ def test_policies_show_the_named_policies_rules_and_clients(make_proxy, sim: Sim
     path = tmp_path / "policies.toml"
     path.write_text(POLICY_FILE)
     proxy = make_proxy(
-        api_key="sk-proxy-secret", client_keys="team-a=team-a-secret,team-b=team-b-secret", policy_file=str(path)
+        api_key="sk-proxy-secret", client_keys="team-a=team-a-secret,team-b=team-b-secret", policy_file=str(path),
+        flex_gate=False,  # the request's own four flex attempts, then the fallback
     )
     sim.script(Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(kind="flex_429"))
     proxy.client(api_key="team-a-secret").chat.completions.create(model="o3", messages=MESSAGES)  # falls back

@@ -46,7 +46,7 @@ def test_savings_are_exact_for_flex_answers(proxy: ProxyServer, sim: Simulator, 
 
 
 def test_a_fallback_counts_the_savings_lost_and_429s_cost_nothing(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
-    proxy = make_proxy(max_flex_attempts=2)
+    proxy = make_proxy(max_flex_attempts=2, flex_gate=False)
     sim.script(Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(usage=USAGE))
     ask(proxy, "chat", stream=False)
     assert proxy.metric("flexproxy_cost_usd_total", model="o3", tier="standard") == pytest.approx(STANDARD_COST)
