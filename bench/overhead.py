@@ -5,13 +5,14 @@ and at 32 connections."""
 from __future__ import annotations
 
 import json
+import math
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from . import nginx, procs, wrk
+from . import gatecost, nginx, procs, wrk
 from .plan import CHAT_HEADERS, SMALL_CHAT_BODY, Plan
-from .stats import ratio
+from .stats import median, ratio
 
 PATH = "/v1/chat/completions"
 GATE_OFF = "flex-proxy gate off"
@@ -56,11 +57,30 @@ def run(plan: Plan, work: Path, log_dir: Path) -> dict[str, Any]:
                         rounds[name].setdefault(f"c{connections}", []).append(
                             _measure(url, script, service.pid, threads, connections, plan.wrk_duration_s)
                         )
+            pairs = _gate_pairs(plan, script, services["flex-proxy"], services[GATE_OFF])
     results = {name: {level: _mean(runs) for level, runs in levels.items()} for name, levels in rounds.items()}
     gate = {level: gate_round_ratios(rounds, level) for level in rounds["flex-proxy"]}
+    ratios = gate["c32"] + [ratio(on["requests_per_s"], off["requests_per_s"]) for on, off in pairs]
+    cpu = results["flex-proxy"]["c32"]["server_cpu_us_per_request"]
+    open_path = gatecost.open_path_ns()
     return {"targets": results, "compare": _compare(results), "proxy_headers": headers, "rounds": rounds,
-            "gate_round_ratios": gate,
+            "gate_round_ratios": gate, "gate_pairs": pairs, "gate_ratios_c32": ratios,
+            "gate_ratio_c32_median": median(ratios), "gate_pair_s": plan.gate_pair_s,
+            "gate_open_path_ns": open_path, "gate_open_path_share_of_cpu": open_path / 1000 / cpu if cpu else math.nan,
             "body": SMALL_CHAT_BODY, "canned_answer_bytes": len(nginx.canned_answer_text())}  # fmt: skip
+
+
+def _gate_pairs(plan: Plan, script: Path, on: Any, off: Any) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Extra back-to-back runs of the proxy with the gate on and off at 32 connections, taking turns to go
+    first, so the verdict rests on many paired ratios rather than on a few rounds' means."""
+    pairs = []
+    for i in range(plan.gate_pairs):
+        figures = {}
+        for service in (on, off) if i % 2 == 0 else (off, on):
+            url = f"http://127.0.0.1:{service.port}{PATH}"
+            figures[service.name] = _measure(url, script, service.pid, 2, 32, plan.gate_pair_s)
+        pairs.append((figures[on.name], figures[off.name]))
+    return pairs
 
 
 def _measure(url: str, script: Path, pid: int, threads: int, connections: int, duration_s: float) -> dict[str, Any]:

@@ -17,6 +17,8 @@ class Plan:
     wrk_warmup_s: float = 2.0
     wrk_connections: tuple[tuple[int, int], ...] = ((1, 1), (2, 32))  # (threads, connections)
     wrk_rounds: int = 4  # every target at every level once a round; figures are means over the rounds
+    gate_pairs: int = 8  # extra back-to-back runs, gate on and gate off, at 32 connections
+    gate_pair_s: float = 5.0
     # 2. held connections
     held_requests: int = 8000
     held_fallbacks: tuple[int, ...] = (6000, 4000, 2000, 1000)  # tried in turn if a level fails
@@ -53,6 +55,8 @@ class Plan:
             wrk_duration_s=1.0,
             wrk_warmup_s=1.0,
             wrk_rounds=1,
+            gate_pairs=2,
+            gate_pair_s=1.0,
             held_requests=1000,
             held_fallbacks=(),
             held_latency_s=3.0,

@@ -205,7 +205,10 @@ def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert gate_on["gate_transitions"].get("busy", 0) >= 1 and sum(gate_on["gate_probes"].values()) >= 1
     assert scarce_rows["gate off | 600 s"]["proxy_metrics"]["gate_probes"] == {}
     assert results["scarce"]["perfect"]["attempts_per_request"] == 1.0
-    assert results["overhead"]["compare"]["flex-proxy"]["c32"]["rps_ratio_vs_gate_off"] > 0
+    overhead = results["overhead"]
+    assert overhead["compare"]["flex-proxy"]["c32"]["rps_ratio_vs_gate_off"] > 0
+    assert len(overhead["gate_pairs"]) == 2 and len(overhead["gate_ratios_c32"]) == 3
+    assert 0 < overhead["gate_open_path_ns"] < 100_000 and overhead["gate_ratio_c32_median"] > 0
 
     assert [row["target"] for row in results["verdicts"]] == [row["target"] for row in report.verdicts(results)]
     assert len(results["verdicts"]) == 8
