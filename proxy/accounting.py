@@ -10,10 +10,6 @@ from .metrics import Metrics, tier_label
 from .pricing import Costing, PriceTable, Usage, price, shadow_savings
 from .spend import DailySpend
 
-# Outcomes after which upstream may have billed work whose usage the proxy never saw (it was not read to its
-# end): counted apart, since the cost metrics cannot price them (shared/reference/openai-api.md §9).
-_UNREAD = frozenset({"timeout", "client_deadline", "client_disconnected", "stream_cut"})
-
 
 @dataclass
 class Record:
@@ -36,6 +32,10 @@ class Record:
     status: int = 0
     backoff_s: float = 0.0
     gate_wait_s: float = 0.0
+    # Attempts upstream may have accepted, and so billed, whose answer was never read to its end (a timeout, a
+    # drop after a silence, a cut, a client that left): the cost metrics cannot price them, so they are counted
+    # apart (shared/reference/openai-api.md §9).
+    unread: int = 0
     request_id: str | None = None
     usage: Usage | None = None
     cost_usd: float | None = None
@@ -127,7 +127,7 @@ def account(
             if model_price is not None:
                 saving = shadow_savings(model_price, rec.usage, rec.served_tier)
                 metrics.shadow_saved.labels(model, rec.client).inc(float(saving))
-    elif rec.attempts and rec.outcome in _UNREAD:
-        metrics.unread.labels(rec.endpoint, model, requested).inc()
+    if rec.unread:
+        metrics.unread.labels(rec.endpoint, model, requested).inc(rec.unread)
     if access_log.enabled:
         access_log.write(rec.fields(duration))

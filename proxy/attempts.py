@@ -107,12 +107,15 @@ class Attempts:
             try:
                 result = await self._attempt(tier_name, sent_at)
             except BaseException:
+                m.attempts.labels(rec.endpoint, tier_name, "cancelled").inc()  # the client left mid-attempt
                 if flex_pass is not None:
                     flex_pass.done()
                 raise
             now = clock()
             if isinstance(result, UpstreamError):
                 outcome = policy.classify_failure(result, limits)
+                if outcome in _MAYBE_ACCEPTED:
+                    rec.unread += 1
                 status, retry_after = None, None
                 m.attempts.labels(rec.endpoint, tier_name, result.status_class).inc()
             else:
@@ -255,7 +258,9 @@ class Attempts:
             return exc
         except BaseException:
             # The client left (or the proxy is stopping): close the upstream request now, which for a stream
-            # is what stops the generation, rather than leave the connection to finish on its own.
+            # is what stops the generation, rather than leave the connection to finish on its own. Upstream may
+            # have accepted the work already.
+            rec.unread += 1
             if response is not None:
                 response.close()
             raise
@@ -280,6 +285,8 @@ class Attempts:
 
 
 _NO_GATE = Pass(None, False, 0.0)  # for when the gate is switched off
+# Failures after which upstream may have accepted, and billed, the work.
+_MAYBE_ACCEPTED = frozenset({Outcome.TIMEOUT, Outcome.DEADLINE, Outcome.DROPPED, Outcome.INCOMPLETE})
 
 
 def _is_sse(response: UpstreamResponse) -> bool:

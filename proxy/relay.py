@@ -103,4 +103,6 @@ async def _relay(
         rec.served_tier = state.served_tier or rec.served_tier
         if state.usage_body is not None:
             rec.usage = usage_from(state.usage_body)
+        elif not state.complete:
+            rec.unread += 1  # cut, gone silent, or its client left: the usage never came
     await out.finish()
