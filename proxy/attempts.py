@@ -84,6 +84,7 @@ class Attempts:
         rec, m, clock = job.rec, s.metrics, s.clock
         model_label = m.model_label(rec.model)
         last_429: Answer | None = None  # the last flex 429, kept to answer with if flex never opens in time
+        last_sent: float | None = None
         while True:
             flex_pass: Pass | None = None
             if self.on_flex:
@@ -97,13 +98,14 @@ class Attempts:
                         return last_429
                     raise FlexBusy("Flex capacity stayed unavailable for as long as this request could wait.")
             rec.attempts += 1
-            if self.on_flex and not (flex_pass is not None and flex_pass.probe):
-                # A busy gate's probe is sent on the whole pool's behalf: it does not use up this request's own
-                # flex attempts, which its flex deadline bounds instead.
+            if self.on_flex:
                 progress.flex_attempts += 1
             tier = job.changes.get("service_tier", job.decision.tier)
             tier_name = tier_label(None if tier is DROP else tier)
-            sent_at = clock()
+            if last_sent is not None and clock() - last_sent < limits.min_backoff_s:
+                # Never two attempts of one request closer than the minimum gap, whoever let this one go.
+                await s.sleep(limits.min_backoff_s - (clock() - last_sent))
+            sent_at = last_sent = clock()
             try:
                 result = await self._attempt(tier_name, sent_at)
             except BaseException:
@@ -202,7 +204,7 @@ class Attempts:
         if progress.flex_attempts >= limits.max_flex_attempts:
             return None
         started = self.s.clock()
-        flex_pass = await gate.wait(limits.flex_deadline)
+        flex_pass = await gate.wait(limits.flex_deadline, progress.flex_attempts)
         waited = max(0.0, flex_pass.waited_s if flex_pass is not None else self.s.clock() - started)
         self.s.metrics.gate_wait.labels(gate.key).observe(waited)
         job.rec.gate_wait_s += waited

@@ -46,6 +46,7 @@ class Waiter:
     """One request waiting in a gate; `probe` says how it was let through."""
 
     since: float
+    attempts: int = 0  # flex attempts the request has made: probes go to those that made fewest
     probe: bool = False
     released: bool = False
     payload: Any = None  # the async layer's future
@@ -119,7 +120,10 @@ class GateState:
             if self.probing is None and self.queue and room > 0:
                 if now < self.next_probe_at:
                     return released, self.next_probe_at
-                waiter = self.queue.popleft()
+                # The probe is a real request: the one with the fewest flex attempts so far (the oldest of those),
+                # so probes spread over the waiters instead of using up one request's attempts.
+                waiter = min(self.queue, key=lambda w: w.attempts)
+                self.queue.remove(waiter)
                 waiter.probe = True
                 self.probing = waiter
                 released.append(waiter)
@@ -211,13 +215,13 @@ class FlexGate:
         self.core.in_flight += 1
         return Pass(self, False, 0.0)
 
-    async def wait(self, until: float) -> Pass | None:
+    async def wait(self, until: float, attempts: int = 0) -> Pass | None:
         """Wait to be let through, until the clock reads `until`; None when that passes or the queue is full."""
         now = self._clock()
         if now >= until:
             return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(now, payload=future)
+        waiter = Waiter(now, attempts, payload=future)
         if not self.core.enqueue(waiter):
             return None
         self._pump()

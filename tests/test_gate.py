@@ -59,6 +59,16 @@ def test_probe_schedule(failed: int, rand: float, retry_after: float | None, del
     assert gate.next_probe_at == pytest.approx(delay)
 
 
+def test_the_probe_is_the_waiter_with_the_fewest_attempts() -> None:
+    gate = busy_gate()
+    tried, fresh, also_fresh = Waiter(0.0, attempts=2), Waiter(0.1, attempts=1), Waiter(0.2, attempts=1)
+    for waiter in (tried, fresh, also_fresh):
+        gate.enqueue(waiter)
+    released, _ = gate.due(1.0)
+    assert released == [fresh]  # fewest attempts, and the oldest of those
+    assert list(gate.queue) == [tried, also_fresh]
+
+
 def test_one_probe_at_a_time_and_only_when_due() -> None:
     gate = busy_gate()
     a, b = Waiter(0.0), Waiter(0.0)
@@ -346,7 +356,7 @@ def test_clients_that_leave_while_waiting_free_their_places(
 def test_a_flex_pool_that_never_comes_back_falls_back_before_the_deadline(
     make_proxy: Callable[..., ProxyServer], sim: Simulator
 ) -> None:
-    proxy = make_proxy(standard_reserve_s=0.5, gate_probe_initial_s=0.2, gate_probe_max_s=0.2)
+    proxy = make_proxy(standard_reserve_s=0.5, gate_probe_initial_s=0.2, gate_probe_max_s=0.2, max_flex_attempts=50)
     sim.options = type(sim.options)(flex_busy_share=1.0)  # flex refuses everything, always
     client = proxy.client(default_headers={"X-Flex-Deadline-S": "3"})
     started = time.monotonic()
