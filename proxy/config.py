@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         "backoff-then-standard", description="what to do when flex has no capacity: " + " | ".join(STRATEGIES)
     )
     max_flex_attempts: int = Field(
-        4, ge=1, le=100, description="flex attempts per request, the first included (not a busy gate's probes)"
+        4, ge=1, le=100, description="flex attempts per request, the first included"
     )
     backoff_initial_s: float = Field(1.0, gt=0, description="first backoff cap for retries; doubles each retry")
     backoff_max_s: float = Field(30.0, gt=0, description="largest backoff cap")
