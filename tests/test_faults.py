@@ -668,6 +668,7 @@ def test_client_gone_before_the_first_event_closes_upstream_at_once(
     assert ended_at is not None and ended_at - gave_up < 2.0  # at once, not when upstream would have answered
     no_more_attempts(sim, 1, within=0.2)
     counted(proxy, sim, "client_disconnected")
+    assert proxy.metric("flexproxy_upstream_attempts_total", status_class="cancelled") == 1
     assert settled(sim).undelivered == 1
     assert proxy.metric("flexproxy_unread_answers_total") == 1
 
