@@ -34,7 +34,7 @@ class Record:
     gate_wait_s: float = 0.0
     # Attempts upstream may have accepted, and so billed, whose answer was never read to its end (a timeout, a
     # drop after a silence, a cut, a client that left): the cost metrics cannot price them, so they are counted
-    # apart (shared/reference/openai-api.md §9).
+    # apart (OpenAI bills accepted work even when nobody reads the answer; see README, "Never pay twice").
     unread: int = 0
     request_id: str | None = None
     usage: Usage | None = None

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Strategy = Literal["backoff", "standard", "backoff-then-standard", "fail"]
 STRATEGIES: tuple[str, ...] = ("backoff", "standard", "backoff-then-standard", "fail")
 
-# Flex-capable families (shared/reference/openai-api.md §3, OpenAI pricing page as mirrored in Sept 2026),
+# Flex-capable families (OpenAI pricing page, "Flex processing" table, as mirrored in Sept 2026),
 # each also as a dated snapshot such as o3-2025-04-16. Pro models are excluded: OpenAI lists them without flex.
 FLEX_FAMILIES = (
     "o3", "o4-mini", "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-5.1", "gpt-5.2", "gpt-5.4", "gpt-5.4-mini",

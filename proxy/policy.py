@@ -50,7 +50,8 @@ class Outcome(enum.Enum):
 
 
 # Which outcomes may be re-sent, and why upstream cannot have billed the attempt that produced them
-# (shared/reference/openai-api.md §9: accepted work may be billed even when nobody reads the answer).
+# (OpenAI documents flex 429s as not charged; accepted work is billed even when nobody reads the answer, as
+# community reports and gateway billing pages agree: see README, "Never pay twice").
 RETRY_REASON = {
     Outcome.FLEX_UNAVAILABLE: "flex_unavailable",  # a 429 is refused work; flex 429s are documented as not charged
     Outcome.RATE_LIMITED: "rate_limited",  # a 429 is refused work

@@ -1,6 +1,6 @@
 """The only module that talks to the upstream HTTP client (aiohttp): pool, timeouts, header hygiene, errors.
 
-aiohttp was chosen by measurement (shared/STYLE.md: ~6,000 req/s through a minimal proxy against ~800 for
+aiohttp was chosen by measurement (when the stack was chosen: ~6,000 req/s through a minimal proxy against ~800 for
 httpx's default transport), and because flex requests hold connections for minutes, so the pool must be
 large and cheap. Everything aiohttp-specific stays here so the choice can change.
 """

@@ -13,7 +13,7 @@ from proxy.logs import JsonFormatter
 from proxy.sim import Reply, Simulator
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-# o3: standard $2.00 input / $0.50 cached / $8.00 output per 1M tokens; flex is half (shared/reference §4).
+# o3: standard $2.00 input / $0.50 cached / $8.00 output per 1M tokens; flex is half (OpenAI pricing page).
 USAGE = {"input": 1_000_000, "cached": 200_000, "output": 500_000, "reasoning": 100_000}
 STANDARD_COST = 0.8 * 2.00 + 0.2 * 0.50 + 0.5 * 8.00  # $5.70
 FLEX_COST = STANDARD_COST / 2  # $2.85

@@ -47,7 +47,7 @@ policy = "eval"
 """
 MESSAGES = [{"role": "user", "content": "hi"}]
 USAGE = {"input": 1_000_000, "cached": 200_000, "output": 500_000}
-O3_STANDARD = 5.70  # shared/reference/openai-api.md §4: 0.8M x $2 + 0.2M x $0.50 + 0.5M x $8
+O3_STANDARD = 5.70  # OpenAI pricing, o3: 0.8M x $2 + 0.2M x $0.50 + 0.5M x $8
 O3_FLEX = 2.85
 
 

@@ -240,7 +240,7 @@ def test_family_of(model: str, family: str) -> None:
     assert family_of(model) == family
 
 
-# Rates from shared/reference/openai-api.md §4, OpenAI's priority page and LiteLLM (USD per 1M tokens).
+# Rates from OpenAI's pricing and priority pages and LiteLLM's price table (USD per 1M tokens).
 @pytest.mark.parametrize(
     ("model", "standard", "flex", "priority"),
     [
