@@ -12,7 +12,7 @@ from typing import Any
 
 from . import gatecost, nginx, procs, wrk
 from .plan import CHAT_HEADERS, SMALL_CHAT_BODY, Plan
-from .stats import median, ratio
+from .stats import mean, median, ratio, two_standard_errors
 
 PATH = "/v1/chat/completions"
 GATE_OFF = "flex-proxy gate off"
@@ -65,7 +65,8 @@ def run(plan: Plan, work: Path, log_dir: Path) -> dict[str, Any]:
     open_path = gatecost.open_path_ns()
     return {"targets": results, "compare": _compare(results), "proxy_headers": headers, "rounds": rounds,
             "gate_round_ratios": gate, "gate_pairs": pairs, "gate_ratios_c32": ratios,
-            "gate_ratio_c32_median": median(ratios), "gate_pair_s": plan.gate_pair_s,
+            "gate_ratio_c32_median": median(ratios), "gate_ratio_c32_mean": mean(ratios),
+            "gate_ratio_c32_2se": two_standard_errors(ratios), "gate_pair_s": plan.gate_pair_s,
             "gate_open_path_ns": open_path, "gate_open_path_share_of_cpu": open_path / 1000 / cpu if cpu else math.nan,
             "body": SMALL_CHAT_BODY, "canned_answer_bytes": len(nginx.canned_answer_text())}  # fmt: skip
 

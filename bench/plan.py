@@ -40,7 +40,8 @@ class Plan:
     scarce_latency_standard_s: float = 0.2
     scarce_latency_flex_s: float = 0.3
     scarce_timeouts_s: tuple[float, ...] = (600.0, 60.0)  # the SDK's timeout= (its default, and a short one)
-    scarce_tuned: tuple[dict[str, object], ...] = ()  # proxy settings for extra rows labelled "tuned: ..."
+    # Proxy settings for extra rows labelled "tuned: ...": a busy gate probing at least every 0.5 s, not 1 s.
+    scarce_tuned: tuple[dict[str, object], ...] = ({"gate_probe_max_s": 0.5},)
     scarce_sensitivity: tuple[float, ...] = (0.6,)  # flex latencies for extra rows: gate on, defaults, 1st timeout
 
     @classmethod
@@ -69,6 +70,7 @@ class Plan:
             scarce_busy_for_s=0.3,
             scarce_latency_standard_s=0.05,
             scarce_latency_flex_s=0.05,
+            scarce_tuned=(),
             scarce_sensitivity=(),
         )
 

@@ -25,5 +25,14 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def two_standard_errors(values: Sequence[float]) -> float:
+    """Twice the standard error of the mean (sample standard deviation over root n); NaN below two values."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    centre = mean(values)
+    return 2 * math.sqrt(sum((v - centre) ** 2 for v in values) / (n - 1) / n)
+
+
 def ratio(value: float, reference: float) -> float:
     return value / reference if reference else math.nan

@@ -15,7 +15,7 @@ import pytest
 from bench import nginx, report, scarce, wrk
 from bench.bodies import chat_body
 from bench.plan import Plan
-from bench.stats import percentile
+from bench.stats import percentile, two_standard_errors
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,6 +59,31 @@ def test_incomplete_wrk_report_is_an_error() -> None:
 def test_percentile(values: list[float], q: float, expected: float) -> None:
     got = percentile(values, q)
     assert (math.isnan(got) and math.isnan(expected)) or got == expected
+
+
+def test_two_standard_errors() -> None:
+    assert two_standard_errors([1.0, 1.0, 1.0]) == 0.0
+    assert two_standard_errors([0.9, 1.1]) == pytest.approx(2 * math.sqrt(0.02) / math.sqrt(2))
+    assert math.isnan(two_standard_errors([1.0]))
+
+
+@pytest.mark.parametrize(
+    ("share", "centre", "spread", "met"),
+    [
+        (0.0023, 0.994, 0.073, True),  # a cheap open path, and wrk too noisy to say otherwise
+        (0.0023, 0.958, 0.030, True),  # wrk's interval reaches above x0.97: no evidence of a cost
+        (0.04, 1.0, 0.01, False),  # the open path alone is over 3% of a request's CPU
+        (0.0023, 0.90, 0.05, False),  # wrk shows a cost above 3% beyond its noise
+    ],
+)
+def test_gate_verdict_rests_on_the_open_path_unless_wrk_shows_a_cost(
+    share: float, centre: float, spread: float, met: bool
+) -> None:
+    overhead = {"gate_open_path_share_of_cpu": share, "gate_open_path_ns": 1200.0, "gate_ratio_c32_mean": centre,
+                "gate_ratio_c32_2se": spread, "gate_ratios_c32": [centre] * 12}  # fmt: skip
+    text, got = report.gate_verdict(overhead)
+    assert got is met
+    assert f"{share:.2%}" in text and "of 12" in text
 
 
 def test_chat_body_has_the_exact_size_and_is_json() -> None:
@@ -209,6 +234,7 @@ def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert overhead["compare"]["flex-proxy"]["c32"]["rps_ratio_vs_gate_off"] > 0
     assert len(overhead["gate_pairs"]) == 2 and len(overhead["gate_ratios_c32"]) == 3
     assert 0 < overhead["gate_open_path_ns"] < 100_000 and overhead["gate_ratio_c32_median"] > 0
+    assert 0 < overhead["gate_open_path_share_of_cpu"] < 1 and overhead["gate_ratio_c32_2se"] >= 0
 
     assert [row["target"] for row in results["verdicts"]] == [row["target"] for row in report.verdicts(results)]
     assert len(results["verdicts"]) == 8
