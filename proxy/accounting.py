@@ -36,6 +36,7 @@ class Record:
     # drop after a silence, a cut, a client that left): the cost metrics cannot price them, so they are counted
     # apart (OpenAI bills accepted work even when nobody reads the answer; see README, "Never pay twice").
     unread: int = 0
+    costing: Costing | None = None  # set once priced, so the cost headers and the metrics price it once
     request_id: str | None = None
     usage: Usage | None = None
     cost_usd: float | None = None
@@ -90,6 +91,8 @@ def tier_labels(rec: Record) -> tuple[str, str]:
 def price_record(rec: Record, prices: PriceTable) -> Costing | None:
     """Price the record's usage at its served tier, when its model has a price; the saving is negative for an
     answer sent on flex but served on another tier (what flex would have saved)."""
+    if rec.costing is not None:
+        return rec.costing
     if rec.usage is None or rec.model is None:
         return None
     model_price = prices.resolve(rec.model)
@@ -100,6 +103,7 @@ def price_record(rec: Record, prices: PriceTable) -> Costing | None:
         return None
     rec.cost_usd = float(costing.cost_usd)
     rec.saved_usd = float(costing.saved_usd - costing.lost_usd)
+    rec.costing = costing
     return costing
 
 

@@ -32,6 +32,21 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+_WANTED = frozenset({
+    b"content-length", b"x-flex-tier", b"x-flex-policy", b"x-flex-on-unavailable", b"x-flex-deadline-s",
+    b"x-stainless-read-timeout",
+})  # fmt: skip
+
+
+def headers_of(scope: Scope) -> dict[str, str]:
+    """The request headers a model request reads, in one pass (the first of each, as `header` gives it)."""
+    found: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key in _WANTED and key.decode() not in found:
+            found[key.decode()] = value.decode("latin-1")
+    return found
+
+
 def raw_path(scope: Scope) -> str:
     """The request path exactly as the client sent it (escapes untouched), without the query string."""
     raw = scope.get("raw_path")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ class Costing:
     lost_usd: Decimal  # what flex would have saved, for answers the proxy sent flex but another tier served
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per request, for a handful of names
 def family_of(model: str) -> str:
     """`o3-2025-04-16` → `o3`: dated snapshots are priced as their family."""
     match = _DATED.match(model)

@@ -20,6 +20,7 @@ from .asgi import (
     Scope,
     Send,
     header,
+    headers_of,
     raw_path,
     read_body,
 )
@@ -111,15 +112,16 @@ class ProxyApp:
     ) -> None:
         services = self.s
         s = services.settings
+        given = headers_of(scope)
         try:
-            raw = await read_body(receive, s.max_body_bytes, header(scope, b"content-length"))
+            raw = await read_body(receive, s.max_body_bytes, given.get("content-length"))
             body = parse(raw)
-            mode = tiers.header_mode(header(scope, b"x-flex-tier"))
+            mode = tiers.header_mode(given.get("x-flex-tier"))
             model = body.get("model")
             rec.model = model if isinstance(model, str) else None
-            chosen = services.policies.select(rec.client, rec.model, header(scope, b"x-flex-policy"))
-            strategy = policy.parse_strategy(header(scope, b"x-flex-on-unavailable"), chosen.strategy)
-            stated = policy.parse_deadline(header(scope, b"x-flex-deadline-s"))
+            chosen = services.policies.select(rec.client, rec.model, given.get("x-flex-policy"))
+            strategy = policy.parse_strategy(given.get("x-flex-on-unavailable"), chosen.strategy)
+            stated = policy.parse_deadline(given.get("x-flex-deadline-s"))
             upstream_headers = request_headers(scope["headers"], authorization)
         except ClientGone:
             rec.outcome = "client_disconnected"
@@ -166,7 +168,7 @@ class ProxyApp:
                 changes["stream_options"] = asked
                 strip_usage = expect_usage = True
         family = family_of(rec.model) if rec.model else "none"
-        client_wait = policy.client_wait_s(header(scope, b"x-stainless-read-timeout"), stated)
+        client_wait = policy.client_wait_s(given.get("x-stainless-read-timeout"), stated)
         reserve = services.observed.reserve(family)
         limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, chosen)
         gate = None
