@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Markdown report to write (default: docs/benchmarks.md, none with --quick)",
     )
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="measure nothing: write the report (--docs, default docs/benchmarks.md) from a saved "
+                        "run's results.json, with the verdicts worked out again")  # fmt: skip
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS),
                         help="run only this scenario (repeatable; for working on one)")  # fmt: skip
     return parser
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.render is not None:
+        return _render(args.render, args.docs or REPO / "docs" / "benchmarks.md")
     nginx.binary(), wrk.binary()  # fail now, naming the packages, rather than after minutes
     plan = Plan.quick_check() if args.quick else Plan.full()
     docs = args.docs if args.docs is not None else (None if args.quick else REPO / "docs" / "benchmarks.md")
@@ -82,4 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'met    ' if row['met'] else 'NOT MET'}  {row['target']}: {row['measured']}")
     print(f"bench: {results['seconds']['total']} s in all", file=sys.stderr)
     print(f"raw results: {work / 'results.json'}" + (f"; report: {docs}" if docs else ""))
+    return 0
+
+
+def _render(saved: Path, docs: Path) -> int:
+    """The report from a saved run, for a change of wording: its figures, command and date stay the run's."""
+    results = json.loads(saved.read_text())
+    results["verdicts"] = report.verdicts(results)
+    docs.write_text(report.render(results))
+    print(f"report: {docs} (from {saved})")
     return 0

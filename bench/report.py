@@ -218,7 +218,8 @@ def _overhead(r: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"request while flex is free): {r['gate_open_path_ns'] / 1000:.2f} µs a request, "
         f"**{r['gate_open_path_share_of_cpu']:.2%}** of the proxy's CPU time per request at 32 connections "
         f"({r['targets']['flex-proxy']['c32']['server_cpu_us_per_request']:.0f} µs), and the proxy is CPU-bound "
-        "there, so its requests/s fall by about that share; the paired runs would overrule it only if they "
+        f"there (its one process used {_busy_share(r['targets']['flex-proxy']['c32']):.0%} of a core on this shared "
+        "machine), so its requests/s fall by about that share; the paired runs would overrule it only if they "
         "showed a cost above 3% beyond their own noise. Means over the rounds: "
         f"{_x(fp['c32']['rps_ratio_vs_gate_off'])} at 32 connections, {_x(fp['c1']['rps_ratio_vs_gate_off'])} at 1, "
         f"p50 {fp['c1']['added_p50_ms_vs_gate_off']:+.3f} ms at 1. "
@@ -229,6 +230,11 @@ def _overhead(r: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _busy_share(figures: dict[str, Any]) -> float:
+    """CPU seconds the server used per second of load: CPU time per request times requests per second."""
+    return float(figures["server_cpu_us_per_request"] * figures["requests_per_s"] / 1e6)
 
 
 def _held(r: dict[str, Any], plan: dict[str, Any]) -> list[str]:

@@ -239,6 +239,13 @@ def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert [row["target"] for row in results["verdicts"]] == [row["target"] for row in report.verdicts(results)]
     assert len(results["verdicts"]) == 8
     text = docs.read_text()
+    again = tmp_path / "again.md"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "bench", "--render", str(tmp_path / "latest-quick.json"), "--docs", str(again)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert again.read_text() == text  # the report is a pure function of the saved results
     for heading in ("## Machine", "## Targets", "## 1. Overhead", "## 2. Held", "## 3. Large", "## 4. Streams",
                     "## 5. Scarce", "perfect knowledge", "## Raising the open-files limit"):  # fmt: skip
         assert heading in text, heading
