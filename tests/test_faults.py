@@ -22,10 +22,11 @@ import httpx
 import openai
 import pytest
 from conftest import ProxyServer
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.sim import Reply, SimOptions, SimServer, Simulator
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 MIN_GAP_S = 0.05  # min_backoff_s in these tests: the shortest wait between two attempts of one request
 EARLY_S = 0.003  # a timer may fire a hair before its time; gaps are checked against the floor minus this
 FAST = {
@@ -115,7 +116,7 @@ def no_more_attempts(sim: Simulator, count: int, within: float) -> None:
     assert len(sim.requests) == count
 
 
-def final_error(caught: pytest.ExceptionInfo[openai.APIStatusError]) -> httpx.Headers:
+def final_error(caught: pytest.ExceptionInfo[openai.APIStatusError]) -> Any:
     """A final error: OpenAI-shaped, marked so the SDK does not re-send it, one retry-after at most."""
     response = caught.value.response
     body = response.json()
@@ -205,7 +206,7 @@ def test_persistent_flex_429_on_backoff_strategy_ends_in_a_final_429(
     sim.script(*[Reply("flex_429")] * 5)
     client = proxy.client(max_retries=2, default_headers={"X-Flex-On-Unavailable": "backoff"})
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model="o3", messages=MESSAGES)
     headers = final_error(caught)
     assert int(headers["retry-after"]) >= 1
     assert caught.value.code == "resource_unavailable"
@@ -449,7 +450,7 @@ def test_stream_cut_ends_with_one_in_band_error(make_proxy: Maker, sim: Simulato
     else:
         events = list(client.responses.create(model="o3", input="hi", stream=True))
         assert [e.type for e in events].count("error") == 1
-        assert events[-1].type == "error" and events[-1].code == "upstream_incomplete"  # type: ignore[union-attr]
+        assert events[-1].type == "error" and events[-1].code == "upstream_incomplete"
         assert "response.completed" not in [e.type for e in events]
     no_more_attempts(sim, 1, within=0.2)
     assert settled(sim).undelivered == 1
@@ -485,7 +486,7 @@ def test_stream_stall_ends_with_an_idle_timeout_error_and_closes_upstream(
         assert caught.value.code == "stream_idle_timeout"
     else:
         events = list(client.responses.create(model="o3", input="hi", stream=True))
-        assert events[-1].type == "error" and events[-1].code == "stream_idle_timeout"  # type: ignore[union-attr]
+        assert events[-1].type == "error" and events[-1].code == "stream_idle_timeout"
         assert [e.type for e in events].count("error") == 1
     assert 0.5 <= time.monotonic() - started < 2.0
     assert sim.requests[0].closed_by_peer.wait(5)
@@ -538,7 +539,7 @@ def test_malformed_event_reaches_the_sdk_as_it_would_without_the_proxy(make_prox
 def test_stream_without_done_is_whole(make_proxy: Maker, sim: Simulator, include_usage: bool) -> None:
     proxy = fast(make_proxy)
     sim.script(Reply("no_done"))
-    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     chunks = list(chat_stream(proxy.client(), **extra))  # ends without raising
     finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finished] == ["stop"]
