@@ -205,7 +205,7 @@ def test_rate_limit_is_retried_after_its_wait_on_the_same_tier(proxy: ProxyServe
     assert raw.headers["x-flex-served-tier"] == "flex"
     assert [r.tier for r in sim.requests] == ["flex", "flex"]
     assert proxy.metric("flexproxy_retries_total", reason="rate_limited") == 1
-    assert proxy.metric("flexproxy_backoff_wait_seconds_sum") >= 0.29  # the wait that happened: timers may wake a hair early
+    assert proxy.metric("flexproxy_backoff_wait_seconds_sum") >= 0.29  # the wait that happened (timers wake early)
     assert proxy.metric("flexproxy_fallbacks_total") == 0
 
 
