@@ -41,7 +41,7 @@ class Plan:
     scarce_latency_flex_s: float = 0.3
     scarce_timeouts_s: tuple[float, ...] = (600.0, 60.0)  # the SDK's timeout= (its default, and a short one)
     # Proxy settings for extra rows labelled "tuned: ...": a busy gate probing at least every 0.5 s, not 1 s.
-    scarce_tuned: tuple[dict[str, object], ...] = ({"gate_probe_max_s": 0.5},)
+    scarce_tuned: tuple[dict[str, object], ...] = ({"gate_probe_max_s": 0.25},)
     scarce_sensitivity: tuple[float, ...] = (0.6,)  # flex latencies for extra rows: gate on, defaults, 1st timeout
 
     @classmethod

@@ -55,6 +55,7 @@ def create_app(
             probe_initial_s=settings.gate_probe_initial_s,
             probe_max_s=max(settings.gate_probe_max_s, settings.gate_probe_initial_s),
             probe_min_s=settings.min_backoff_s,
+            accept_after_s=settings.gate_accept_s,
             max_retry_after_s=settings.max_retry_after_s,
             max_waiting=settings.gate_max_waiting,
             max_in_flight=settings.flex_max_in_flight,

@@ -220,7 +220,7 @@ class Attempts:
             s.observed.flex_attempt(job.family, now, busy)
             if flex_pass is not None:
                 result = Result.BUSY if busy else Result.OK if outcome is Outcome.OK else Result.ERROR
-                flex_pass.record(result, now, retry, s.rand())
+                flex_pass.record(result, now, retry, s.rand(), now - sent_at)
         elif outcome is Outcome.OK:
             s.observed.standard_answer(job.family, now - sent_at)
 
@@ -286,7 +286,7 @@ class Attempts:
         return OpenStream(decoder, state, pending, chunks)
 
 
-_NO_GATE = Pass(None, False, 0.0)  # for when the gate is switched off
+_NO_GATE = Pass(None, None, 0.0)  # for when the gate is switched off
 # Failures after which upstream may have accepted, and billed, the work.
 _MAYBE_ACCEPTED = frozenset({Outcome.TIMEOUT, Outcome.DEADLINE, Outcome.DROPPED, Outcome.INCOMPLETE})
 

@@ -102,7 +102,10 @@ class Settings(BaseSettings):
         "model", description="what one gate covers: a model family, or a family per upstream key"
     )
     gate_probe_initial_s: float = Field(0.25, gt=0, description="a busy gate's first probe interval; doubles")
-    gate_probe_max_s: float = Field(1.0, gt=0, description="a busy gate's longest probe interval")
+    gate_probe_max_s: float = Field(0.5, gt=0, description="a busy gate's longest probe interval")
+    gate_accept_s: float = Field(
+        0.5, gt=0, description="a probe not refused by then opens the gate (flex refuses at once; answers take long)"
+    )
     gate_max_waiting: int = Field(10_000, ge=0, description="requests that may wait in one gate")
     flex_max_in_flight: int = Field(0, ge=0, description="flex requests in flight per gate; 0 = no cap")
     connect_timeout_s: float = Field(10.0, gt=0, description="upstream connect timeout")

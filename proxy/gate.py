@@ -2,10 +2,11 @@
 flex pool one 429 at a time.
 
 Open, flex requests go straight through. A flex-capacity 429 makes the gate busy: new flex requests wait in
-it, and one waiting request at a time is sent as a probe, at backoff intervals. A probe that is answered
-opens the gate and releases the waiters in a ramp (1, 2, 4, ... per step) so they do not knock flex over
-again. `GateState` is the pure state machine (clock readings and random numbers passed in); `FlexGate` puts
-asyncio futures and a timer around it.
+it, and one waiting request at a time is sent as a probe, at backoff intervals. A probe that is answered, or
+that has gone a while without being refused (flex refuses at once, while a flex answer may take minutes), opens
+the gate and releases the waiters in a ramp (1, 2, 4, ... per step) so they do not knock flex over again.
+`GateState` is the pure state machine (clock readings and random numbers passed in); `FlexGate` puts asyncio
+futures and timers around it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class GateConfig:
     probe_initial_s: float = 0.25  # first probe delay cap; doubles per failed probe
     probe_max_s: float = 1.0  # largest probe delay cap
     probe_min_s: float = 0.1  # no two probes closer than this
+    accept_after_s: float = 0.5  # a probe not refused by then counts as accepted (at least 3x the slowest refusal)
     max_retry_after_s: float = 60.0  # an upstream retry-after above this is capped for probing
     ramp_step_s: float = 0.05  # time between two ramp batches once open
     max_waiting: int = 10_000  # past this many waiters, a request takes its strategy's next step
@@ -65,6 +67,7 @@ class GateState:
     ramp: int = 1  # waiters released in the next ramp batch
     next_ramp_at: float = 0.0
     in_flight: int = 0
+    refusals: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # recent times to a flex 429
     transitions: list[State] = field(default_factory=list)  # for the caller to report, then clear
 
     def admit(self) -> bool:
@@ -88,9 +91,20 @@ class GateState:
         if self.probing is waiter:
             self.probing = None
 
-    def record(self, result: Result, *, probe: bool, now: float, retry_after: float | None, rand: float) -> None:
+    def record(
+        self,
+        result: Result,
+        *,
+        probe: bool,
+        now: float,
+        retry_after: float | None,
+        rand: float,
+        latency: float | None = None,
+    ) -> None:
         """What one flex attempt found; only probes and the first 429 on an open gate change the state."""
         if result is Result.BUSY:
+            if latency is not None:
+                self.refusals.append(latency)
             if probe:
                 self.failed_probes += 1
                 self.probing = None
@@ -110,6 +124,24 @@ class GateState:
                 self.next_ramp_at = now
             else:
                 self.next_probe_at = max(self.next_probe_at, now + self.config.probe_min_s)
+
+    def accept_after(self) -> float:
+        """How long a probe must go unrefused to count as accepted: flex refuses at once, so a few times the
+        slowest refusal seen lately, and never less than the configured time."""
+        return max(self.config.accept_after_s, 3.0 * max(self.refusals, default=0.0))
+
+    def accept(self, waiter: Waiter, now: float) -> bool:
+        """The probe `waiter` has gone `accept_after` without a refusal: open the gate and start the ramp. Its own
+        answer, when it comes, counts as any request's."""
+        if self.probing is not waiter:
+            return False
+        self.probing = None
+        waiter.probe = False
+        self._move(State.OPEN)
+        self.failed_probes = 0
+        self.ramp = 1
+        self.next_ramp_at = now
+        return True
 
     def due(self, now: float) -> tuple[list[Waiter], float | None]:
         """Waiters to let through now, and when to look again (None: when something is recorded)."""
@@ -162,18 +194,23 @@ class GateState:
 class Pass:
     """Leave to send one flex attempt; `done()` once the attempt is over (frees its place under the cap)."""
 
-    __slots__ = ("_gate", "probe", "waited_s")
+    __slots__ = ("_gate", "_waiter", "waited_s")
 
-    def __init__(self, gate: FlexGate | None, probe: bool, waited_s: float) -> None:
+    def __init__(self, gate: FlexGate | None, waiter: Waiter | None, waited_s: float) -> None:
         self._gate: FlexGate | None = gate
-        self.probe = probe
+        self._waiter = waiter
         self.waited_s = waited_s
 
-    def record(self, result: Result, now: float, retry_after: float | None, rand: float) -> None:
+    @property
+    def probe(self) -> bool:
+        """Sent as the gate's probe, and not yet accepted as one (see GateState.accept)."""
+        return self._waiter is not None and self._waiter.probe
+
+    def record(self, result: Result, now: float, retry_after: float | None, rand: float, latency: float) -> None:
         gate = self._gate
         if gate is None or (result is Result.OK and not self.probe and gate.core.state is State.OPEN):
             return  # the open path: an answer on an open gate changes nothing
-        gate.record(result, self.probe, now, retry_after, rand)
+        gate.record(result, self.probe, now, retry_after, rand, latency)
 
     def done(self) -> None:
         gate, self._gate = self._gate, None
@@ -207,13 +244,13 @@ class FlexGate:
         core = self.core
         if core.admit():
             core.in_flight += 1
-            return Pass(self, False, 0.0)
+            return Pass(self, None, 0.0)
         return None
 
     def force_pass(self) -> Pass:
         """A pass whatever the state, for a request that tries flex once and takes what comes (`fail`)."""
         self.core.in_flight += 1
-        return Pass(self, False, 0.0)
+        return Pass(self, None, 0.0)
 
     async def wait(self, until: float, attempts: int = 0) -> Pass | None:
         """Wait to be let through, until the clock reads `until`; None when that passes or the queue is full."""
@@ -235,12 +272,14 @@ class FlexGate:
         if not waiter.released:
             self._abandon(waiter)
             return None
-        return Pass(self, waiter.probe, self._clock() - now)
+        return Pass(self, waiter, self._clock() - now)
 
-    def record(self, result: Result, probe: bool, now: float, retry_after: float | None, rand: float) -> None:
+    def record(
+        self, result: Result, probe: bool, now: float, retry_after: float | None, rand: float, latency: float | None
+    ) -> None:
         if probe:
             self._reporter.probed(self, result)
-        self.core.record(result, probe=probe, now=now, retry_after=retry_after, rand=rand)
+        self.core.record(result, probe=probe, now=now, retry_after=retry_after, rand=rand, latency=latency)
         self._report()
         self._pump()
 
@@ -267,6 +306,8 @@ class FlexGate:
             future = waiter.payload
             if not future.done():
                 future.set_result(None)
+            if waiter.probe:
+                asyncio.get_running_loop().call_later(self.core.accept_after(), self._accept, waiter)
         self._report()
         if wake_at is not None and wake_at < self._timer_at:
             if self._timer is not None:
@@ -274,6 +315,12 @@ class FlexGate:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(max(0.0, wake_at - self._clock()), self._wake)
             self._timer_at = wake_at
+
+    def _accept(self, waiter: Waiter) -> None:
+        if self.core.accept(waiter, self._clock()):
+            self._reporter.probed(self, Result.OK)
+            self._report()
+            self._pump()
 
     def _wake(self) -> None:
         self._timer, self._timer_at = None, math.inf

@@ -51,6 +51,8 @@ def _env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
         ("max_retry_after_s", 60.0),
         ("min_backoff_s", 0.25),
         ("flex_gate", True),
+        ("gate_probe_max_s", 0.5),
+        ("gate_accept_s", 0.5),
         ("gate_scope", "model"),
         ("flex_max_in_flight", 0),
         ("standard_tier", "auto"),

@@ -69,6 +69,22 @@ def test_the_probe_is_the_waiter_with_the_fewest_attempts() -> None:
     assert list(gate.queue) == [tried, also_fresh]
 
 
+def test_a_probe_not_refused_in_time_opens_the_gate_and_its_own_answer_counts_as_anyone_s() -> None:
+    gate = GateState(GateConfig(accept_after_s=0.5, max_waiting=10))
+    gate.record(Result.BUSY, probe=False, now=0.0, retry_after=None, rand=1.0, latency=0.3)
+    assert gate.accept_after() == pytest.approx(0.9)  # three times the slowest refusal seen, above the floor
+    probe, other = Waiter(0.0), Waiter(0.0)
+    gate.enqueue(probe)
+    gate.enqueue(other)
+    assert gate.due(1.0)[0] == [probe]
+    assert gate.accept(probe, 1.9)
+    assert gate.state is State.OPEN and not probe.probe
+    assert gate.due(1.9)[0] == [other]  # the ramp starts without waiting for the probe's (slow) answer
+    gate.record(Result.BUSY, probe=probe.probe, now=2.5, retry_after=None, rand=1.0)  # refused after all
+    assert gate.state is State.BUSY
+    assert not gate.accept(other, 3.0)  # only the current probe can be accepted
+
+
 def test_one_probe_at_a_time_and_only_when_due() -> None:
     gate = busy_gate()
     a, b = Waiter(0.0), Waiter(0.0)
@@ -203,14 +219,14 @@ async def test_waiters_are_released_after_a_successful_probe() -> None:
     gate, recorder = make_gate()
     first = gate.try_pass()
     assert first is not None
-    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.record(Result.BUSY, time.monotonic(), None, 1.0, 0.001)
     first.done()
     assert gate.try_pass() is None  # busy: the open path says wait
 
     async def one(i: int) -> bool:
         flex_pass = await gate.wait(time.monotonic() + 5)
         assert flex_pass is not None
-        flex_pass.record(Result.OK, time.monotonic(), None, 0.5)
+        flex_pass.record(Result.OK, time.monotonic(), None, 0.5, 0.01)
         flex_pass.done()
         return flex_pass.probe
 
@@ -224,7 +240,7 @@ async def test_a_waiter_whose_deadline_passes_gets_none_and_leaves() -> None:
     gate, _ = make_gate(probe_initial_s=10, probe_max_s=10)
     first = gate.try_pass()
     assert first is not None
-    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.record(Result.BUSY, time.monotonic(), None, 1.0, 0.001)
     first.done()
     started = time.monotonic()
     assert await gate.wait(started + 0.05) is None
@@ -236,7 +252,7 @@ async def test_a_waiter_that_is_cancelled_frees_its_place() -> None:
     gate, _ = make_gate(probe_initial_s=10, probe_max_s=10)
     first = gate.try_pass()
     assert first is not None
-    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.record(Result.BUSY, time.monotonic(), None, 1.0, 0.001)
     task = asyncio.create_task(gate.wait(time.monotonic() + 30))
     for _ in range(100):
         if gate.core.queue:
@@ -253,7 +269,7 @@ async def test_a_probe_whose_client_leaves_lets_another_probe_go() -> None:
     gate, _ = make_gate()
     first = gate.try_pass()
     assert first is not None
-    first.record(Result.BUSY, time.monotonic(), None, 1.0)
+    first.record(Result.BUSY, time.monotonic(), None, 1.0, 0.001)
     first.done()
     probe = await asyncio.wait_for(gate.wait(time.monotonic() + 5), 5)
     assert probe is not None and probe.probe
@@ -389,3 +405,32 @@ def test_the_standard_reserve_is_learned(make_proxy: Callable[..., ProxyServer],
         proxy.client(default_headers={"X-Flex-Tier": "off"}).chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
     second = fallback_after()  # flex until 1.7 s
     assert first < 1.0 < second < 2.0
+
+
+def test_a_slow_probe_opens_the_gate_once_it_is_not_refused(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator
+) -> None:
+    """A flex answer may take minutes; the waiters should not: once the probe has gone unrefused for a while the
+    gate opens, and the others are answered while the probe's own answer is still on its way."""
+    proxy = make_proxy(gate_probe_initial_s=0.05, gate_probe_max_s=0.05, gate_accept_s=0.3)
+    sim.script(Reply(kind="flex_429"), Reply(delay_s=3.0))  # the first request's 429, then the probe: slow
+    finished: list[float] = []
+    started = time.monotonic()
+
+    def call() -> None:
+        answer = proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+        assert answer.service_tier == "flex"
+        finished.append(time.monotonic() - started)
+
+    first = threading.Thread(target=call)
+    first.start()
+    assert sim.wait_for(lambda: proxy.metric("flexproxy_gate_busy", model="o3") == 1, 5)
+    others = [threading.Thread(target=call) for _ in range(5)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(20)
+    assert len(finished) == 6
+    assert sorted(finished)[4] < 2.5  # five answered long before the slow probe's 3 s
+    assert max(finished) >= 3.0  # ...which was answered too, on flex
+    assert proxy.metric("flexproxy_gate_probes_total", result="ok") == 1
