@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 KEEP = 256  # standard answers remembered per family
+MAX_FAMILIES = 1024  # model names come from clients: past this many, new ones are not remembered
 RATE_WINDOW_S = 60.0
 
 
@@ -34,7 +35,9 @@ class Observed:
     def _family(self, name: str) -> Family:
         family = self._families.get(name)
         if family is None:
-            family = self._families[name] = Family()
+            family = Family()
+            if len(self._families) < MAX_FAMILIES:
+                self._families[name] = family
         return family
 
     def standard_answer(self, name: str, seconds: float) -> None:
