@@ -1142,6 +1142,16 @@ def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
     assert "flex_busy_share" in capsys.readouterr().err
 
 
+def test_cli_sets_the_periodic_busy_pattern() -> None:
+    from proxy.sim.cli import build_parser, options_from
+
+    options = options_from(build_parser().parse_args(["--busy-period-s", "10", "--busy-for-s", "3"]))
+    assert (options.busy_period_s, options.busy_for_s) == (10.0, 3.0)
+    with pytest.raises(SystemExit) as caught:
+        sim_main(["--busy-period-s", "2", "--busy-for-s", "3"])
+    assert caught.value.code == 2
+
+
 def test_cli_serves_and_exits_on_sigterm() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

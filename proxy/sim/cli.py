@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flex-busy", type=float, default=0.3, help="share of time windows in which flex is busy")
     add("--burst-s", type=float, default=5.0, help="length of one capacity window, in seconds")
     add("--busy-reject", type=float, default=1.0, help="share of flex requests refused in a busy window")
+    add("--busy-period-s", type=float, default=0.0, help="a fixed pattern instead: flex busy at the start of every "
+        "period of this many seconds, from the start or the last /_sim/reset (0: no pattern)")  # fmt: skip
+    add("--busy-for-s", type=float, default=0.0, help="with --busy-period-s: how long flex is busy in each period")
     add("--rate-limit", type=float, default=0.0, help="share of requests answered 429 rate_limit_exceeded")
     add("--rate-limit-retry-ms", type=int, default=200, help="retry-after-ms sent with rate-limit 429s")
     add("--errors", type=float, default=0.0, help="share of requests answered 500/503")
@@ -44,6 +47,8 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         flex_busy_share=args.flex_busy,
         burst_s=args.burst_s,
         busy_reject_share=args.busy_reject,
+        busy_period_s=args.busy_period_s,
+        busy_for_s=args.busy_for_s,
         rate_limit_share=args.rate_limit,
         rate_limit_retry_ms=args.rate_limit_retry_ms,
         error_share=args.errors,
