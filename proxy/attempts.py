@@ -118,12 +118,12 @@ class Attempts:
                 outcome = policy.classify_failure(result, limits)
                 if outcome in _MAYBE_ACCEPTED:
                     rec.unread += 1
-                status, retry_after = None, None
+                retry_after = None
                 m.attempts.labels(rec.endpoint, tier_name, result.status_class).inc()
             else:
-                outcome, status = result.outcome, result.response.status
+                outcome = result.outcome
                 retry_after = policy.retry_after_s(result.response.headers)
-                m.attempts.labels(rec.endpoint, tier_name, status_class(status)).inc()
+                m.attempts.labels(rec.endpoint, tier_name, status_class(result.response.status)).inc()
             self._observe(outcome, flex_pass, sent_at, now, retry_after)
             action = policy.next_action(
                 outcome,

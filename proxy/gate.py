@@ -47,7 +47,6 @@ class GateConfig:
 class Waiter:
     """One request waiting in a gate; `probe` says how it was let through."""
 
-    since: float
     attempts: int = 0  # flex attempts the request has made: probes go to those that made fewest
     probe: bool = False
     released: bool = False
@@ -258,7 +257,7 @@ class FlexGate:
         if now >= until:
             return None
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(now, attempts, payload=future)
+        waiter = Waiter(attempts, payload=future)
         if not self.core.enqueue(waiter):
             return None
         self._pump()

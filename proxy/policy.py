@@ -135,7 +135,6 @@ class Limits:
     backoff_max_s: float
     flex_deadline: float  # clock time after which no new flex attempt starts (nor waiting for one)
     deadline: float  # clock time by which the client's answer must have started
-    started: float = 0.0  # clock time the request arrived
     client_deadline: bool = False  # the deadline is the client's own, not the proxy's budget
     min_backoff_s: float = 0.0
     max_retry_after_s: float = math.inf
@@ -213,7 +212,6 @@ def limits_for(
         backoff_max_s=settings.backoff_max_s,
         flex_deadline=flex_deadline,
         deadline=deadline,
-        started=now,
         client_deadline=client_deadline,
         min_backoff_s=settings.min_backoff_s,
         max_retry_after_s=settings.max_retry_after_s,

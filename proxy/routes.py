@@ -65,7 +65,10 @@ class ProxyApp:
         responder = Responder(send, guard, settle)
         s.metrics.in_flight.labels(record.endpoint).inc()
         try:
-            work = asyncio.get_running_loop().create_task(self._serve(scope, receive, record, responder, guard))
+            prefixed = raw.startswith("/v1/")
+            work = asyncio.get_running_loop().create_task(
+                self._serve(scope, receive, record, responder, guard, prefixed)
+            )
             guard.watch(work)
             await work
         except ResponseAborted:
@@ -85,9 +88,11 @@ class ProxyApp:
             guard.disarm()
             settle()
 
-    async def _serve(self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard) -> None:
+    async def _serve(
+        self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard, prefixed: bool
+    ) -> None:
         try:
-            if not raw_path(scope).startswith("/v1/"):
+            if not prefixed:
                 raise ClientError("The request path must begin with /v1/ as written, not escaped.", code="invalid_path")
             check_path(rec.path)
             caller = self.s.auth.authorize(header(scope, b"authorization"))

@@ -61,7 +61,7 @@ def test_probe_schedule(failed: int, rand: float, retry_after: float | None, del
 
 def test_the_probe_is_the_waiter_with_the_fewest_attempts() -> None:
     gate = busy_gate()
-    tried, fresh, also_fresh = Waiter(0.0, attempts=2), Waiter(0.1, attempts=1), Waiter(0.2, attempts=1)
+    tried, fresh, also_fresh = Waiter(attempts=2), Waiter(attempts=1), Waiter(attempts=1)
     for waiter in (tried, fresh, also_fresh):
         gate.enqueue(waiter)
     released, _ = gate.due(1.0)
@@ -73,7 +73,7 @@ def test_a_probe_not_refused_in_time_opens_the_gate_and_its_own_answer_counts_as
     gate = GateState(GateConfig(accept_after_s=0.5, max_waiting=10))
     gate.record(Result.BUSY, probe=False, now=0.0, retry_after=None, rand=1.0, latency=0.3)
     assert gate.accept_after() == pytest.approx(0.9)  # three times the slowest refusal seen, above the floor
-    probe, other = Waiter(0.0), Waiter(0.0)
+    probe, other = Waiter(), Waiter()
     gate.enqueue(probe)
     gate.enqueue(other)
     assert gate.due(1.0)[0] == [probe]
@@ -87,7 +87,7 @@ def test_a_probe_not_refused_in_time_opens_the_gate_and_its_own_answer_counts_as
 
 def test_one_probe_at_a_time_and_only_when_due() -> None:
     gate = busy_gate()
-    a, b = Waiter(0.0), Waiter(0.0)
+    a, b = Waiter(), Waiter()
     assert gate.enqueue(a) and gate.enqueue(b)
     assert gate.due(0.1) == ([], pytest.approx(0.25))  # not yet
     released, wake = gate.due(0.25)
@@ -98,7 +98,7 @@ def test_one_probe_at_a_time_and_only_when_due() -> None:
 
 def test_a_failed_probe_keeps_the_gate_busy_and_backs_off() -> None:
     gate = busy_gate()
-    a = Waiter(0.0)
+    a = Waiter()
     gate.enqueue(a)
     gate.due(0.3)
     gate.record(Result.BUSY, probe=True, now=0.3, retry_after=None, rand=1.0)
@@ -110,7 +110,7 @@ def test_a_failed_probe_keeps_the_gate_busy_and_backs_off() -> None:
 
 def test_a_probe_that_errs_says_nothing_of_capacity() -> None:
     gate = busy_gate()
-    gate.enqueue(Waiter(0.0))
+    gate.enqueue(Waiter())
     gate.due(0.3)
     gate.record(Result.ERROR, probe=True, now=0.3, retry_after=None, rand=1.0)
     assert gate.state is State.BUSY and gate.probing is None
@@ -120,7 +120,7 @@ def test_a_probe_that_errs_says_nothing_of_capacity() -> None:
 def test_a_successful_probe_opens_the_gate_and_releases_waiters_in_a_ramp() -> None:
     gate = GateState(GateConfig(max_waiting=100, ramp_step_s=0.05))
     gate.record(Result.BUSY, probe=False, now=0.0, retry_after=None, rand=1.0)
-    waiters = [Waiter(0.0) for _ in range(20)]
+    waiters = [Waiter() for _ in range(20)]
     for waiter in waiters:
         gate.enqueue(waiter)
     gate.due(1.0)  # the probe goes
@@ -143,7 +143,7 @@ def test_a_successful_probe_opens_the_gate_and_releases_waiters_in_a_ramp() -> N
 def test_new_arrivals_queue_behind_a_ramp() -> None:
     gate = GateState(GateConfig(max_waiting=100))
     gate.state = State.OPEN
-    gate.enqueue(Waiter(0.0))
+    gate.enqueue(Waiter())
     assert not gate.admit()
 
 
@@ -163,13 +163,13 @@ def test_answers_of_requests_sent_before_the_gate_went_busy_do_not_open_it() -> 
 
 def test_the_queue_is_bounded() -> None:
     gate = busy_gate()
-    assert all(gate.enqueue(Waiter(0.0)) for _ in range(3))
-    assert not gate.enqueue(Waiter(0.0))
+    assert all(gate.enqueue(Waiter()) for _ in range(3))
+    assert not gate.enqueue(Waiter())
 
 
 def test_a_waiter_that_leaves_frees_its_place_and_the_probe_slot() -> None:
     gate = busy_gate()
-    a, b = Waiter(0.0), Waiter(0.0)
+    a, b = Waiter(), Waiter()
     gate.enqueue(a)
     gate.enqueue(b)
     gate.due(1.0)
@@ -185,7 +185,7 @@ def test_in_flight_cap_queues_the_excess_and_releases_as_places_free() -> None:
     assert gate.admit()
     gate.in_flight = 2
     assert not gate.admit()
-    waiter = Waiter(0.0)
+    waiter = Waiter()
     gate.enqueue(waiter)
     assert gate.due(0.0) == ([], None)
     gate.in_flight = 1
