@@ -42,13 +42,16 @@ class Record:
     cost_usd: float | None = None
     saved_usd: float | None = None
 
-    def flex_headers(self) -> list[tuple[bytes, bytes]]:
-        """The response headers that tell the client what the proxy did."""
-        return [
+    def flex_headers(self, served: bool = True) -> list[tuple[bytes, bytes]]:
+        """The response headers that tell the client what the proxy did; `served` False leaves out the served
+        tier, for an answer whose tier is not known yet when its headers go."""
+        headers = [
             (b"x-flex-attempts", str(self.attempts).encode()),
             (b"x-flex-requested-tier", (self.requested_tier or "none").encode()),
-            (b"x-flex-served-tier", (self.served_tier or "none").encode()),
         ]
+        if served:
+            headers.append((b"x-flex-served-tier", (self.served_tier or "none").encode()))
+        return headers
 
     def fields(self, duration: float) -> dict[str, Any]:
         """The access log line's fields."""

@@ -42,7 +42,11 @@ def create_app(
     disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every counter
     prices = PriceTable.load(settings.prices_file)
     policies = load_policies(settings.policy_file, settings)
-    metrics = Metrics(known_models=prices.families, clients=settings.client_names, flex_models=prices.flex_families)
+    metrics = Metrics(
+        known_models=prices.known_families(settings.flex_models),
+        clients=settings.client_names,
+        flex_models=prices.flex_families,
+    )
     upstream = Upstream(
         settings.upstream_base_url,
         connect_timeout_s=settings.connect_timeout_s,
@@ -56,6 +60,7 @@ def create_app(
             probe_max_s=max(settings.gate_probe_max_s, settings.gate_probe_initial_s),
             probe_min_s=settings.min_backoff_s,
             accept_after_s=settings.gate_accept_s,
+            spell_share=settings.gate_spell_share,
             max_retry_after_s=settings.max_retry_after_s,
             max_waiting=settings.gate_max_waiting,
             max_in_flight=settings.flex_max_in_flight,

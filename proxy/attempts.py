@@ -78,102 +78,113 @@ class Attempts:
         self.job = job
         self.progress = Progress()
         self.on_flex = job.decision.on_flex
+        self.arrived = services.clock()
+        self.model_label = services.metrics.model_label(job.rec.model)
+        self.flex_pass: Pass | None = None  # this attempt's leave from the gate; given back once, whatever happens
+        self.last_429: Answer | None = None  # the last flex 429, to answer with if flex never opens in time
+        self.last_sent: float | None = None
 
     async def run(self) -> Answer:
-        s, job, limits, progress = self.s, self.job, self.job.limits, self.progress
-        rec, m, clock = job.rec, s.metrics, s.clock
-        model_label = m.model_label(rec.model)
-        last_429: Answer | None = None  # the last flex 429, kept to answer with if flex never opens in time
-        last_sent: float | None = None
-        while True:
-            flex_pass: Pass | None = None
-            if self.on_flex:
-                flex_pass = await self._admit()
-                if flex_pass is None:
-                    action = policy.after_flex_wait(limits, clock())
-                    if action.step is Step.FALLBACK:
-                        self._fall_back(model_label)
-                        continue
-                    if last_429 is not None:
-                        return last_429
-                    raise FlexBusy("Flex capacity stayed unavailable for as long as this request could wait.")
-            rec.attempts += 1
-            if self.on_flex:
-                progress.flex_attempts += 1
-            tier = job.changes.get("service_tier", job.decision.tier)
-            tier_name = tier_label(None if tier is DROP else tier)
-            if last_sent is not None and clock() - last_sent < limits.min_backoff_s:
-                # Never two attempts of one request closer than the minimum gap, whoever let this one go.
-                await s.sleep(limits.min_backoff_s - (clock() - last_sent))
-            sent_at = last_sent = clock()
-            try:
-                result = await self._attempt(tier_name, sent_at)
-            except BaseException:
-                m.attempts.labels(rec.endpoint, tier_name, "cancelled").inc()  # the client left mid-attempt
-                if flex_pass is not None:
-                    flex_pass.done()
-                raise
-            now = clock()
-            if isinstance(result, UpstreamError):
-                outcome = policy.classify_failure(result, limits)
-                if outcome in _MAYBE_ACCEPTED:
-                    rec.unread += 1
-                retry_after = None
-                m.attempts.labels(rec.endpoint, tier_name, result.status_class).inc()
-            else:
-                outcome = result.outcome
-                retry_after = policy.retry_after_s(result.response.headers)
-                m.attempts.labels(rec.endpoint, tier_name, status_class(result.response.status)).inc()
-            self._observe(outcome, flex_pass, sent_at, now, retry_after)
-            action = policy.next_action(
-                outcome,
-                on_flex=self.on_flex,
-                managed=job.decision.managed,
-                progress=progress,
-                limits=limits,
-                now=now,
-                # With the gate, the gate honours a flex 429's retry-after for the whole pool.
-                retry_after=None if job.gate is not None and outcome is Outcome.FLEX_UNAVAILABLE else retry_after,
-                rand=s.rand(),
-            )
-            if action.step is Step.ANSWER:
-                if last_429 is not None:
-                    await last_429.close()
-                if isinstance(result, UpstreamError):
-                    if flex_pass is not None:
-                        flex_pass.done()
-                    raise result
-                result.flex_pass = flex_pass
-                return result
-            if flex_pass is not None:
-                flex_pass.done()
-            if isinstance(result, Answer):
-                if outcome is Outcome.FLEX_UNAVAILABLE:
-                    if last_429 is not None:
-                        await last_429.close()
-                    result.response.close()  # its body is read: the 429 can still be answered with
-                    last_429 = result
-                else:
-                    await result.close()
-            await self._next(action, outcome, model_label)
+        limits, clock = self.job.limits, self.s.clock
+        try:
+            if self.on_flex and policy.no_room_for_flex(limits, clock()):
+                self._fall_back()  # the deadline leaves no time to wait for flex: standard at once
+            while True:
+                if self.on_flex and not await self._admit():
+                    if policy.after_flex_wait(limits, clock()).step is not Step.FALLBACK:
+                        return self._out_of_time()
+                    self._fall_back()
+                result, outcome, action = await self._try()
+                if action.step is Step.ANSWER:
+                    return self._final(result)
+                await self._next(action, outcome, result)
+        finally:
+            self._give_back()
 
-    async def _next(self, action: policy.Action, outcome: Outcome, model_label: str) -> None:
-        """Carry out a retry, a tier drop or a fallback, waiting first where the policy says."""
-        s, job, rec = self.s, self.job, self.job.rec
+    async def _try(self) -> tuple[Answer | UpstreamError, Outcome, policy.Action]:
+        """One attempt: sent no sooner than the minimum gap after the last, counted once it is over, and the
+        policy's verdict on what it found."""
+        s, job, limits = self.s, self.job, self.job.limits
+        rec = job.rec
+        if self.last_sent is not None and s.clock() - self.last_sent < limits.min_backoff_s:
+            # Never two attempts of one request closer than the minimum gap, whoever let this one go.
+            await s.sleep(limits.min_backoff_s - (s.clock() - self.last_sent))
+        rec.attempts += 1
+        if self.on_flex:
+            self.progress.flex_attempts += 1
+        tier = job.changes.get("service_tier", job.decision.tier)
+        tier_name = tier_label(None if tier is DROP else tier)
+        sent_at = self.last_sent = s.clock()
+        try:
+            result = await self._attempt(tier_name, sent_at)
+        except BaseException:
+            s.metrics.attempts.labels(rec.endpoint, tier_name, "cancelled").inc()  # the client left mid-attempt
+            raise
+        now = s.clock()
+        if isinstance(result, UpstreamError):
+            outcome, retry_after, status = policy.classify_failure(result, limits), None, result.status_class
+            if outcome in _MAYBE_ACCEPTED:
+                rec.unread += 1
+        else:
+            outcome, retry_after = result.outcome, policy.retry_after_s(result.response.headers)
+            status = status_class(result.response.status)
+        s.metrics.attempts.labels(rec.endpoint, tier_name, status).inc()
+        self._observe(outcome, sent_at, now, retry_after)
+        return result, outcome, self._decide(outcome, now, retry_after)
+
+    def _decide(self, outcome: Outcome, now: float, retry_after: float | None) -> policy.Action:
+        job, limits = self.job, self.job.limits
+        if self.on_flex and outcome is Outcome.FLEX_UNAVAILABLE and job.gate is not None:
+            return policy.after_gate_refusal(limits, now, retry_after)  # the gate's own small policy
+        return policy.next_action(
+            outcome,
+            on_flex=self.on_flex,
+            managed=job.decision.managed,
+            progress=self.progress,
+            limits=limits,
+            now=now,
+            retry_after=retry_after,
+            rand=self.s.rand(),
+        )
+
+    def _final(self, result: Answer | UpstreamError) -> Answer:
+        """The policy says answer: an error is raised, an answer keeps its pass until it has been relayed."""
+        self.last_429 = None
+        if isinstance(result, UpstreamError):
+            raise result
+        result.flex_pass, self.flex_pass = self.flex_pass, None
+        return result
+
+    def _out_of_time(self) -> Answer:
+        """Flex did not open up in time and the strategy does not fall back: the last flex 429, else ours."""
+        answer, self.last_429 = self.last_429, None
+        if answer is None:
+            raise FlexBusy("Flex capacity stayed unavailable for as long as this request could wait.")
+        return answer
+
+    async def _next(self, action: policy.Action, outcome: Outcome, result: Answer | UpstreamError) -> None:
+        """Close this attempt, then carry out a wait in the gate, a retry, a tier drop or a fallback, sleeping
+        first where the policy says."""
+        self._give_back()
+        if isinstance(result, Answer):
+            if outcome is Outcome.FLEX_UNAVAILABLE:
+                result.response.close()  # its body is read: the 429 can still be answered with
+                self.last_429 = result
+            else:
+                await result.close()
+        s, rec = self.s, self.job.rec
         m = s.metrics
         if action.step is Step.DROP_TIER:
             self.progress.tier_rejected = True
-            m.tier_rejections.labels(rec.endpoint, model_label).inc()
-            job.changes["service_tier"] = DROP
+            m.tier_rejections.labels(rec.endpoint, self.model_label).inc()
+            self.job.changes["service_tier"] = DROP
             self.on_flex = False
         elif action.step is Step.FALLBACK:
-            self._fall_back(model_label)
+            self._fall_back()
         else:
             if outcome is not Outcome.FLEX_UNAVAILABLE:
                 self.progress.retries += 1
-            m.retries.labels(rec.endpoint, model_label, action.reason or "other").inc()
-            if self.on_flex and outcome is Outcome.FLEX_UNAVAILABLE and job.gate is not None:
-                return  # the gate decides when this request tries flex again
+            m.retries.labels(rec.endpoint, self.model_label, action.reason or "other").inc()
         if action.delay > 0:
             started = s.clock()
             await s.sleep(action.delay)
@@ -181,48 +192,49 @@ class Attempts:
             m.backoff.labels(rec.endpoint).observe(waited)
             rec.backoff_s += waited
 
-    def _fall_back(self, model_label: str) -> None:
+    def _give_back(self) -> None:
+        flex_pass, self.flex_pass = self.flex_pass, None
+        if flex_pass is not None:
+            flex_pass.done()
+
+    def _fall_back(self) -> None:
         s, job = self.s, self.job
         job.rec.fell_back = True
-        s.metrics.fallbacks.labels(job.rec.endpoint, model_label).inc()
+        s.metrics.fallbacks.labels(job.rec.endpoint, self.model_label).inc()
         job.changes["service_tier"] = DROP if job.standard_tier == "omit" else job.standard_tier
         self.on_flex = False
 
-    async def _admit(self) -> Pass | None:
-        """Leave to try flex now, or after waiting in the gate; None when the request should not try flex."""
-        job, limits, progress = self.job, self.job.limits, self.progress
-        gate = job.gate
+    async def _admit(self) -> bool:
+        """Leave to try flex now, or after waiting in the gate; False when the request should not try flex."""
+        gate, limits = self.job.gate, self.job.limits
         if gate is None:
-            return _NO_GATE  # flex retries then wait by the policy's own backoff
-        flex_pass = gate.try_pass()
-        if flex_pass is not None:
-            return flex_pass
+            return True  # no gate: flex retries wait by the policy's own backoff
+        self.flex_pass = gate.try_pass()
+        if self.flex_pass is not None:
+            return True
         if limits.strategy == "standard":
-            return None  # standard does not wait for flex: it goes to the standard tier at once
+            return False  # standard does not wait for flex: it goes to the standard tier at once
         if limits.strategy == "fail":
-            return gate.force_pass()  # tries flex once whatever the gate says, and answers what came
-        if progress.flex_attempts >= limits.max_flex_attempts:
-            return None
+            self.flex_pass = gate.force_pass()  # tries flex once whatever the gate says, and answers what came
+            return True
         started = self.s.clock()
-        flex_pass = await gate.wait(limits.flex_deadline, progress.flex_attempts)
-        waited = max(0.0, flex_pass.waited_s if flex_pass is not None else self.s.clock() - started)
+        self.flex_pass = await gate.wait(limits.flex_deadline, self.arrived)
+        waited = max(0.0, self.flex_pass.waited_s if self.flex_pass is not None else self.s.clock() - started)
         self.s.metrics.gate_wait.labels(gate.key).observe(waited)
-        job.rec.gate_wait_s += waited
-        return flex_pass
+        self.job.rec.gate_wait_s += waited
+        return self.flex_pass is not None
 
-    def _observe(
-        self, outcome: Outcome, flex_pass: Pass | None, sent_at: float, now: float, retry: float | None
-    ) -> None:
+    def _observe(self, outcome: Outcome, sent_at: float, now: float, retry: float | None) -> None:
         """Tell the gate and the observations what this attempt found."""
         s, job = self.s, self.job
         if self.on_flex:
             busy = outcome is Outcome.FLEX_UNAVAILABLE
             s.observed.flex_attempt(job.family, now, busy)
-            if flex_pass is not None:
+            if self.flex_pass is not None:
                 result = Result.BUSY if busy else Result.OK if outcome is Outcome.OK else Result.ERROR
-                flex_pass.record(result, now, retry, s.rand(), now - sent_at)
+                self.flex_pass.record(result, now, retry, s.rand(), now - sent_at)
         elif outcome is Outcome.OK:
-            s.observed.standard_answer(job.family, now - sent_at)
+            s.observed.standard_answer(job.family, now - sent_at, streamed=job.rec.stream)
 
     async def _attempt(self, tier_name: str, sent_at: float) -> Answer | UpstreamError:
         """One attempt, bounded by the tier's time to first byte and the request's deadline."""
@@ -286,7 +298,6 @@ class Attempts:
         return OpenStream(decoder, state, pending, chunks)
 
 
-_NO_GATE = Pass(None, None, 0.0)  # for when the gate is switched off
 # Failures after which upstream may have accepted, and billed, the work.
 _MAYBE_ACCEPTED = frozenset({Outcome.TIMEOUT, Outcome.DEADLINE, Outcome.DROPPED, Outcome.INCOMPLETE})
 

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         "backoff-then-standard", description="what to do when flex has no capacity: " + " | ".join(STRATEGIES)
     )
     max_flex_attempts: int = Field(
-        4, ge=1, le=100, description="flex attempts per request, the first included"
+        4, ge=1, le=100, description="with the gate off: flex attempts per request, the first included (at most 100)"
     )
     backoff_initial_s: float = Field(1.0, gt=0, description="first backoff cap for retries; doubles each retry")
     backoff_max_s: float = Field(30.0, gt=0, description="largest backoff cap")
@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     gate_probe_max_s: float = Field(0.5, gt=0, description="a busy gate's longest probe interval")
     gate_accept_s: float = Field(
         0.5, gt=0, description="a probe not refused by then opens the gate (flex refuses at once; answers take long)"
+    )
+    gate_spell_share: float = Field(
+        0.5, ge=0, le=1, description="no probe before this share of the shortest recent busy spell has passed (0: off)"
     )
     gate_max_waiting: int = Field(10_000, ge=0, description="requests that may wait in one gate")
     flex_max_in_flight: int = Field(0, ge=0, description="flex requests in flight per gate; 0 = no cap")

@@ -2,22 +2,27 @@
 flex pool one 429 at a time.
 
 Open, flex requests go straight through. A flex-capacity 429 makes the gate busy: new flex requests wait in
-it, and one waiting request at a time is sent as a probe, at backoff intervals. A probe that is answered, or
-that has gone a while without being refused (flex refuses at once, while a flex answer may take minutes), opens
-the gate and releases the waiters in a ramp (1, 2, 4, ... per step) so they do not knock flex over again.
+it, and one waiting request at a time is sent as a probe, at backoff intervals (and, once busy spells have
+been seen, not before a share of the shortest recent one has passed). A probe that is answered, or that has
+gone a while without being refused (flex refuses at once, while a flex answer may take minutes), opens the
+gate and releases the waiters in a ramp (1, 2, 4, ... per step) so they do not knock flex over again.
 `GateState` is the pure state machine (clock readings and random numbers passed in); `FlexGate` puts asyncio
-futures and timers around it.
+futures and timers around it, and `Pass` is one request's leave to send one flex attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+MAX_DOUBLINGS = 32  # the probe interval stops doubling here: 2.0 ** n must stay finite however long flex is out
+MAX_GATES = 1024  # with gate scope model+key, keys come from clients: past this many, a family's others share one
 
 
 class State(enum.Enum):
@@ -41,16 +46,24 @@ class GateConfig:
     ramp_step_s: float = 0.05  # time between two ramp batches once open
     max_waiting: int = 10_000  # past this many waiters, a request takes its strategy's next step
     max_in_flight: int = 0  # flex requests in flight per gate; 0 = no cap
+    spell_share: float = 0.5  # no probe before this share of the shortest recent busy spell has passed (0: off)
+    spells_kept: int = 8  # busy spells remembered
 
 
 @dataclass(eq=False)
 class Waiter:
-    """One request waiting in a gate; `probe` says how it was let through."""
+    """One request waiting in a gate. The queue is kept in arrival order, so a request that waits again after
+    its probe was refused keeps its place at the front."""
 
-    attempts: int = 0  # flex attempts the request has made: probes go to those that made fewest
-    probe: bool = False
+    arrived: float = 0.0
     released: bool = False
+    probe: bool = False  # released as the gate's probe (its verdict may already be in)
+    released_at: float = 0.0
     payload: Any = None  # the async layer's future
+
+
+def _arrival(waiter: Waiter) -> float:
+    return waiter.arrived
 
 
 @dataclass
@@ -59,15 +72,20 @@ class GateState:
 
     config: GateConfig
     state: State = State.OPEN
-    queue: deque[Waiter] = field(default_factory=deque)
-    probing: Waiter | None = None
+    queue: list[Waiter] = field(default_factory=list)
+    verdict: Waiter | None = None  # the probe whose verdict the gate awaits: at most one at a time
     next_probe_at: float = 0.0
     failed_probes: int = 0
+    busy_since: float = 0.0
+    spells: deque[float] = field(default_factory=lambda: deque(maxlen=8))  # recent busy spells, in seconds
     ramp: int = 1  # waiters released in the next ramp batch
     next_ramp_at: float = 0.0
     in_flight: int = 0
     refusals: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # recent times to a flex 429
     transitions: list[State] = field(default_factory=list)  # for the caller to report, then clear
+
+    def __post_init__(self) -> None:
+        self.spells = deque(self.spells, maxlen=max(1, self.config.spells_kept))
 
     def admit(self) -> bool:
         """The open path: go now, without waiting, when the gate is open, nobody waits and the cap allows."""
@@ -80,49 +98,70 @@ class GateState:
     def enqueue(self, waiter: Waiter) -> bool:
         if len(self.queue) >= self.config.max_waiting:
             return False
-        self.queue.append(waiter)
+        bisect.insort(self.queue, waiter, key=_arrival)
         return True
 
     def leave(self, waiter: Waiter) -> None:
-        """A waiter stops waiting (deadline, client gone) or a released one never reports back."""
+        """A waiter stops waiting (deadline, client gone) or a released one ends without a verdict."""
         if waiter in self.queue:
             self.queue.remove(waiter)
-        if self.probing is waiter:
-            self.probing = None
+        if self.verdict is waiter:
+            self.verdict = None  # no verdict: another probe may go after the minimum gap
 
     def record(
         self,
         result: Result,
+        waiter: Waiter | None,
         *,
-        probe: bool,
         now: float,
         retry_after: float | None,
         rand: float,
         latency: float | None = None,
     ) -> None:
-        """What one flex attempt found; only probes and the first 429 on an open gate change the state."""
+        """What one flex attempt found. `waiter` is the request's own place (None on the open path): only the
+        awaited probe's verdict, and a first 429 while open, change the state."""
+        is_verdict = waiter is not None and self.verdict is waiter
+        if is_verdict:
+            self.verdict = None
         if result is Result.BUSY:
-            if latency is not None:
-                self.refusals.append(latency)
-            if probe:
+            if latency is not None and math.isfinite(latency):
+                self.refusals.append(max(0.0, latency))
+            if is_verdict:
                 self.failed_probes += 1
-                self.probing = None
                 self._schedule_probe(now, retry_after, rand)
             elif self.state is State.OPEN:
-                self._move(State.BUSY)
-                self.failed_probes = 0
-                self._schedule_probe(now, retry_after, rand)
+                self.refused(now, retry_after, rand)
             elif retry_after is not None:  # upstream asked the pool to wait: no probe before that
-                self.next_probe_at = max(self.next_probe_at, now + min(retry_after, self.config.max_retry_after_s))
-        elif probe:
-            self.probing = None
+                self.next_probe_at = max(self.next_probe_at, now + self._capped(retry_after))
+        elif is_verdict:
+            assert waiter is not None
             if result is Result.OK:
-                self._move(State.OPEN)
-                self.failed_probes = 0
-                self.ramp = 1
-                self.next_ramp_at = now
+                self.opened(now, spell_end=waiter.released_at)
             else:
                 self.next_probe_at = max(self.next_probe_at, now + self.config.probe_min_s)
+
+    def refused(self, now: float, retry_after: float | None, rand: float) -> None:
+        """Flex refused a request while the gate was open: busy, and the first probe scheduled."""
+        if self.state is State.BUSY:
+            return
+        self._move(State.BUSY)
+        self.busy_since = now
+        self.failed_probes = 0
+        self._schedule_probe(now, retry_after, rand)
+
+    def opened(self, now: float, spell_end: float | None = None) -> None:
+        """Flex has capacity again: open, and start the ramp. `spell_end` is when the busy spell was last seen
+        to be over (the send time of the probe that got through), remembered to pace the next spell's probes."""
+        if self.state is State.OPEN:
+            return
+        end = now if spell_end is None else spell_end
+        if end >= self.busy_since:
+            self.spells.append(end - self.busy_since)
+        self._move(State.OPEN)
+        self.verdict = None
+        self.failed_probes = 0
+        self.ramp = 1
+        self.next_ramp_at = now
 
     def accept_after(self) -> float:
         """How long a probe must go unrefused to count as accepted: flex refuses at once, so a few times the
@@ -132,14 +171,9 @@ class GateState:
     def accept(self, waiter: Waiter, now: float) -> bool:
         """The probe `waiter` has gone `accept_after` without a refusal: open the gate and start the ramp. Its own
         answer, when it comes, counts as any request's."""
-        if self.probing is not waiter:
+        if self.verdict is not waiter:
             return False
-        self.probing = None
-        waiter.probe = False
-        self._move(State.OPEN)
-        self.failed_probes = 0
-        self.ramp = 1
-        self.next_ramp_at = now
+        self.opened(now, spell_end=waiter.released_at)
         return True
 
     def due(self, now: float) -> tuple[list[Waiter], float | None]:
@@ -148,41 +182,51 @@ class GateState:
         cap = self.config.max_in_flight
         room = (cap - self.in_flight) if cap else math.inf
         if self.state is State.BUSY:
-            if self.probing is None and self.queue and room > 0:
+            if self.verdict is None and self.queue and room > 0:
                 if now < self.next_probe_at:
                     return released, self.next_probe_at
-                # The probe is a real request: the one with the fewest flex attempts so far (the oldest of those),
-                # so probes spread over the waiters instead of using up one request's attempts.
-                waiter = min(self.queue, key=lambda w: w.attempts)
-                self.queue.remove(waiter)
+                # The probe is a real request: the one that has waited longest.
+                waiter = self.queue.pop(0)
                 waiter.probe = True
-                self.probing = waiter
+                self.verdict = waiter
                 released.append(waiter)
-            return self._let_go(released), None
+            return self._let_go(released, now), None
         if not self.queue or room <= 0:
             return released, None  # nobody waits, or the cap is reached: a place freed will pump again
         if now < self.next_ramp_at:
             return released, self.next_ramp_at
-        while self.queue and len(released) < min(self.ramp, room):
-            released.append(self.queue.popleft())
-        self.ramp *= 2
+        count = int(min(self.ramp, room, len(self.queue)))
+        released, self.queue[:count] = self.queue[:count], []
+        self.ramp = min(self.ramp * 2, self.config.max_waiting + 1)
         self.next_ramp_at = now + self.config.ramp_step_s
-        return self._let_go(released), (self.next_ramp_at if self.queue and room > len(released) else None)
+        return self._let_go(released, now), (self.next_ramp_at if self.queue and room > len(released) else None)
 
-    def _let_go(self, released: list[Waiter]) -> list[Waiter]:
+    def _let_go(self, released: list[Waiter], now: float) -> list[Waiter]:
         for waiter in released:
             waiter.released = True
+            waiter.released_at = now
         self.in_flight += len(released)
         return released
 
+    def _capped(self, retry_after: float) -> float:
+        if not math.isfinite(retry_after):
+            return self.config.max_retry_after_s
+        return min(max(0.0, retry_after), self.config.max_retry_after_s)
+
     def _schedule_probe(self, now: float, retry_after: float | None, rand: float) -> None:
-        """Equal jitter: half the cap plus a random half, so a probe never follows at once."""
+        """Equal jitter: half the cap plus a random half, so a probe never follows at once. The cap doubles per
+        failed probe up to `probe_max_s`; no probe goes before `spell_share` of the shortest recent busy spell
+        (flex tends to stay away about as long as it did before), nor before upstream's retry-after."""
         config = self.config
-        cap = min(config.probe_max_s, config.probe_initial_s * 2.0 ** max(0, self.failed_probes - 1))
-        delay = max(cap * (0.5 + 0.5 * rand), config.probe_min_s)
+        doublings = min(max(0, self.failed_probes - 1), MAX_DOUBLINGS)
+        cap = min(config.probe_max_s, config.probe_initial_s * 2.0**doublings)
+        rand = min(max(rand, 0.0), 1.0) if math.isfinite(rand) else 1.0
+        at = now + max(cap * (0.5 + 0.5 * rand), config.probe_min_s)
+        if self.spells and config.spell_share > 0:
+            at = max(at, self.busy_since + config.spell_share * min(self.spells))
         if retry_after is not None:
-            delay = max(delay, min(retry_after, config.max_retry_after_s))
-        self.next_probe_at = now + delay
+            at = max(at, now + self._capped(retry_after))
+        self.next_probe_at = at
 
     def _move(self, state: State) -> None:
         if state is not self.state:
@@ -191,30 +235,35 @@ class GateState:
 
 
 class Pass:
-    """Leave to send one flex attempt; `done()` once the attempt is over (frees its place under the cap)."""
+    """Leave to send one flex attempt. `record` tells the gate what the attempt found, `done` gives the place
+    back; each counts once, whatever order and however often they are called."""
 
-    __slots__ = ("_gate", "_waiter", "waited_s")
+    __slots__ = ("_gate", "_recorded", "_waiter", "waited_s")
 
     def __init__(self, gate: FlexGate | None, waiter: Waiter | None, waited_s: float) -> None:
         self._gate: FlexGate | None = gate
         self._waiter = waiter
+        self._recorded = False
         self.waited_s = waited_s
 
     @property
     def probe(self) -> bool:
-        """Sent as the gate's probe, and not yet accepted as one (see GateState.accept)."""
+        """Let through as the gate's probe."""
         return self._waiter is not None and self._waiter.probe
 
     def record(self, result: Result, now: float, retry_after: float | None, rand: float, latency: float) -> None:
         gate = self._gate
-        if gate is None or (result is Result.OK and not self.probe and gate.core.state is State.OPEN):
+        if gate is None or self._recorded:
+            return
+        self._recorded = True
+        if result is Result.OK and self._waiter is None and gate.core.state is State.OPEN:
             return  # the open path: an answer on an open gate changes nothing
-        gate.record(result, self.probe, now, retry_after, rand, latency)
+        gate.record(result, self._waiter, now, retry_after, rand, latency)
 
     def done(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.done(self.probe)
+            gate.done(self._waiter)
 
 
 class Reporter:
@@ -251,45 +300,58 @@ class FlexGate:
         self.core.in_flight += 1
         return Pass(self, None, 0.0)
 
-    async def wait(self, until: float, attempts: int = 0) -> Pass | None:
-        """Wait to be let through, until the clock reads `until`; None when that passes or the queue is full."""
+    async def wait(self, until: float, arrived: float = 0.0) -> Pass | None:
+        """Wait to be let through, until the clock reads `until`; None when that passes or the queue is full.
+
+        A plain future and a timer, not `asyncio.wait_for`: on Python 3.11 that can swallow a cancel that races
+        the release, and a client that left would still go upstream."""
         now = self._clock()
         if now >= until:
             return None
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = Waiter(attempts, payload=future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        waiter = Waiter(arrived, payload=future)
         if not self.core.enqueue(waiter):
             return None
+        timer = loop.call_later(until - now, _settle, future)
         self._pump()
         try:
-            await asyncio.wait_for(future, until - now)
-        except TimeoutError:
-            pass
+            await future
         except BaseException:  # the client left: free the place, and the probe slot if it held it
             self._abandon(waiter)
             raise
+        finally:
+            timer.cancel()
         if not waiter.released:
             self._abandon(waiter)
             return None
         return Pass(self, waiter, self._clock() - now)
 
     def record(
-        self, result: Result, probe: bool, now: float, retry_after: float | None, rand: float, latency: float | None
+        self,
+        result: Result,
+        waiter: Waiter | None,
+        now: float,
+        retry_after: float | None,
+        rand: float,
+        latency: float | None,
     ) -> None:
-        if probe:
+        core = self.core
+        if waiter is not None and core.verdict is waiter:
             self._reporter.probed(self, result)
-        self.core.record(result, probe=probe, now=now, retry_after=retry_after, rand=rand, latency=latency)
+        core.record(result, waiter, now=now, retry_after=retry_after, rand=rand, latency=latency)
         self._report()
         self._pump()
 
-    def done(self, probe: bool) -> None:
+    def done(self, waiter: Waiter | None) -> None:
         core = self.core
         core.in_flight = max(0, core.in_flight - 1)
-        if not probe and not core.queue:
+        if waiter is None and not core.queue:
             return  # the open path: nobody is waiting for this place
-        if probe and core.probing is not None and core.probing.released:
-            # A probe that ended without a verdict (client gone mid-attempt): let another one go.
-            core.record(Result.ERROR, probe=True, now=self._clock(), retry_after=None, rand=0.0)
+        if waiter is not None and core.verdict is waiter:
+            # A probe that ended without a verdict (its client left mid-attempt): let another one go.
+            self.record(Result.ERROR, waiter, self._clock(), None, 0.0, None)
+            return
         self._pump()
 
     def _abandon(self, waiter: Waiter) -> None:
@@ -302,9 +364,7 @@ class FlexGate:
     def _pump(self) -> None:
         released, wake_at = self.core.due(self._clock())
         for waiter in released:
-            future = waiter.payload
-            if not future.done():
-                future.set_result(None)
+            _settle(waiter.payload)
             if waiter.probe:
                 asyncio.get_running_loop().call_later(self.core.accept_after(), self._accept, waiter)
         self._report()
@@ -332,8 +392,14 @@ class FlexGate:
         self._reporter.changed(self, moves)
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Gates:
-    """The gates of one proxy, created on first use per key (a model family, or family plus key)."""
+    """The gates of one proxy, one per key (a bounded model-family label, or that plus a key fingerprint),
+    created on first use."""
 
     def __init__(self, config: GateConfig, clock: Callable[[], float], reporter: Reporter | None = None) -> None:
         self.config = config
@@ -344,7 +410,11 @@ class Gates:
     def get(self, key: str) -> FlexGate:
         gate = self._gates.get(key)
         if gate is None:
-            gate = self._gates[key] = FlexGate(key, self.config, self._clock, self._reporter)
+            if len(self._gates) >= MAX_GATES and "@" in key:
+                key = key.partition("@")[0] + "@other"  # one per family at most past the bound
+                gate = self._gates.get(key)
+            if gate is None:
+                gate = self._gates[key] = FlexGate(key, self.config, self._clock, self._reporter)
         return gate
 
     def __iter__(self) -> Iterator[FlexGate]:

@@ -92,14 +92,15 @@ def _says_flex_capacity(code: str, type_: str, message: str) -> bool:
 
 
 def classify_stream_error(error: Mapping[str, Any], *, on_flex: bool) -> Outcome:
-    """An error that arrives as the first event of a 200 stream, sorted as if it had its own status."""
+    """An error that arrives in band, as the first real event of a 200 stream. A status line and headers came
+    before it, so upstream may have accepted the work: only an explicit flex-capacity refusal (documented as not
+    charged) may be re-sent; anything else is answered as it came."""
     code = str(error.get("code") or "")
     type_ = str(error.get("type") or "")
-    looks_like_429 = code in RATE_LIMIT_CODES | BILLING_CODES or type_ == "insufficient_quota"
-    if looks_like_429 or _says_flex_capacity(code, type_, str(error.get("message") or "")):
-        return classify(429, error, on_flex=on_flex)
-    if code in ("server_is_overloaded", "server_error") or type_ in ("server_error", "service_unavailable_error"):
-        return Outcome.SERVER_ERROR
+    if on_flex and _says_flex_capacity(code, type_, str(error.get("message") or "")):
+        return Outcome.FLEX_UNAVAILABLE
+    if code in BILLING_CODES or type_ == "insufficient_quota":
+        return Outcome.BILLING
     return Outcome.CLIENT_ERROR
 
 
@@ -248,6 +249,7 @@ class Step(enum.Enum):
     RETRY = "retry"  # same tier, after `delay`
     FALLBACK = "fallback"  # re-send on the standard tier, after `delay`
     DROP_TIER = "drop_tier"  # re-send without service_tier (upstream rejected it)
+    WAIT = "wait"  # wait in the flex gate for flex, until the flex deadline
 
 
 @dataclass(frozen=True)
@@ -258,13 +260,14 @@ class Action:
 
 
 ANSWER = Action(Step.ANSWER)
+WAITING_STRATEGIES = frozenset({"backoff", "backoff-then-standard"})  # those that wait for flex
 MIN_ATTEMPT_S = 1.0  # a retry that leaves less time than this before the deadline is not worth starting
 
 
 def backoff_delay(limits: Limits, n: int, rand: float, floor: float | None) -> float:
     """Full-jitter exponential backoff for the n-th retry (n from 0), never below the upstream's wait nor the
     minimum gap (full jitter alone can draw zero, and three attempts in a blink help nobody)."""
-    cap = min(limits.backoff_max_s, limits.backoff_initial_s * 2.0**n)
+    cap = min(limits.backoff_max_s, limits.backoff_initial_s * 2.0 ** min(max(n, 0), 32))
     return max(rand * cap, limits.min_backoff_s, floor or 0.0)
 
 
@@ -333,6 +336,27 @@ def _time_for_standard(limits: Limits, now: float) -> bool:
     standard is known to answer faster. (Half the reserve: the flex deadline leaves exactly the reserve, and the
     timer that ends a wait for flex fires a little after it.)"""
     return now + min(MIN_ATTEMPT_S, limits.standard_reserve_s / 2) <= limits.deadline
+
+
+def after_gate_refusal(limits: Limits, now: float, retry_after: float | None) -> Action:
+    """With the flex gate: after a flex-capacity 429, wait in the gate until the flex deadline, then take the
+    strategy's next step. No random draw and no attempt count decide it: the gate's pace bounds the load, and a
+    flex 429 is not billed. A retry-after longer than the proxy sleeps through, or than the time left for flex,
+    ends the wait at once."""
+    if (
+        limits.strategy in WAITING_STRATEGIES
+        and now < limits.flex_deadline
+        and not wait_too_long(limits, now, retry_after, limits.flex_deadline)
+    ):
+        return Action(Step.WAIT, 0.0, "flex_unavailable")
+    return after_flex_wait(limits, now)
+
+
+def no_room_for_flex(limits: Limits, now: float) -> bool:
+    """Whether the request's deadline is closer than the time a standard answer needs (the learned reserve):
+    then a flex 429 could not be followed by a fallback in time, so the request goes to the standard tier at
+    once rather than risk a 429 or a 504 on work upstream accepted."""
+    return limits.strategy == "backoff-then-standard" and limits.deadline - limits.standard_reserve_s <= now
 
 
 def after_flex_wait(limits: Limits, now: float) -> Action:

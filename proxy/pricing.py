@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
@@ -114,6 +114,12 @@ class PriceTable:
     def flex_families(self) -> frozenset[str]:
         """The families with a flex price."""
         return frozenset(name for name, model_price in self.models.items() if model_price.flex is not None)
+
+    def known_families(self, flex_patterns: Iterable[str] = ()) -> frozenset[str]:
+        """The families a model label, gate or observation may be kept under: every priced family and every
+        flex pattern written without wildcards. Any other name is `other`, so client-chosen names stay bounded."""
+        literal = (family_of(p) for p in flex_patterns if p and not any(c in p for c in "*?["))
+        return self.families | frozenset(literal)
 
     def resolve(self, model: str) -> ModelPrice | None:
         return self.models.get(model) or self.models.get(family_of(model))

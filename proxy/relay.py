@@ -69,8 +69,10 @@ async def _relay(
 ) -> None:
     """Send the stream on event by event; a cut or silent upstream ends it with an error event, never quietly."""
     state = stream.state
-    rec.served_tier = state.served_tier
-    await out.start(rec.status, headers + rec.flex_headers())
+    # A chat chunk names the tier that serves it; a Responses stream's opening events only echo the request's
+    # (`auto`), and the tier that served it comes in its last event: no header may claim it before then.
+    rec.served_tier = state.served_tier if state.kind == "chat" else None
+    await out.start(rec.status, headers + rec.flex_headers(served=state.kind == "chat"))
     loop = asyncio.get_running_loop()
     try:
         await out.write(b"".join(stream.pending))
@@ -93,16 +95,16 @@ async def _relay(
         rec.outcome = "stream_cut"
         await out.write(state.error_event(exc.message, exc.code or "upstream_error"))
     else:
-        if not state.complete:
+        if state.error is not None:
+            rec.outcome = "upstream_error"  # upstream ended it with its own error event: passed on as it came
+        elif not state.complete:
             rec.outcome = "stream_cut"
             message = "The upstream API ended the stream before its last event."
             await out.write(state.error_event(message, "stream_incomplete"))
-        elif state.error is not None:
-            rec.outcome = "upstream_error"
     finally:
         rec.served_tier = state.served_tier or rec.served_tier
         if state.usage_body is not None:
             rec.usage = usage_from(state.usage_body)
-        elif not state.complete:
+        elif not state.complete and state.error is None:
             rec.unread += 1  # cut, gone silent, or its client left: the usage never came
     await out.finish()

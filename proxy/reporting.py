@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from .gate import FlexGate, Reporter, Result, State
+from .logs import text_value
 from .metrics import Metrics
 
 LOG = logging.getLogger("flex_proxy.gate")
@@ -20,7 +21,8 @@ class GateMetrics(Reporter):
         for state in moves:
             m.gate_busy.labels(gate.key).set(1 if state is State.BUSY else 0)
             m.gate_transitions.labels(gate.key, state.value).inc()
-            LOG.info("flex gate %s is %s (%d waiting)", gate.key, state.value, len(core.queue))
+            # The key is a bounded label, escaped all the same: a log line must not be forgeable.
+            LOG.info("flex gate %s is %s (%d waiting)", text_value(gate.key), state.value, len(core.queue))
 
     def probed(self, gate: FlexGate, result: Result) -> None:
         self.metrics.gate_probes.labels(gate.key, result.value).inc()

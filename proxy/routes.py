@@ -27,7 +27,6 @@ from .asgi import (
 from .attempts import Attempts, Job
 from .errors import ClientError, FlexProxyError, SpendCapReached, UpstreamError
 from .passthrough import passthrough, query
-from .pricing import family_of
 from .relay import deliver, retry_after_header
 from .rewrite import parse, with_usage
 from .services import Services
@@ -172,9 +171,9 @@ class ProxyApp:
                 # Ask for usage so the answer can be priced; the extra chunk is taken out again on the way back.
                 changes["stream_options"] = asked
                 strip_usage = expect_usage = True
-        family = family_of(rec.model) if rec.model else "none"
+        family = services.metrics.model_label(rec.model)  # bounded: a known family, `other` or `none`
         client_wait = policy.client_wait_s(given.get("x-stainless-read-timeout"), stated)
-        reserve = services.observed.reserve(family)
+        reserve = services.observed.reserve(family, rec.stream)
         limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, chosen)
         gate = None
         if services.gates is not None and decision.on_flex:

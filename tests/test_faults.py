@@ -23,6 +23,7 @@ import openai
 import pytest
 from conftest import ProxyServer
 from openai.types.chat import ChatCompletionMessageParam
+from rawup import RawUpstream
 
 from proxy.sim import Reply, SimOptions, SimServer, Simulator
 
@@ -183,9 +184,10 @@ def test_flex_429_with_retry_after_waits_at_least_that_long(
     counted(proxy, sim, "ok")
 
 
-@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
-def test_persistent_flex_429_falls_back_to_standard(make_proxy: Maker, sim: Simulator, gate: bool) -> None:
-    proxy = fast(make_proxy, max_flex_attempts=3, flex_gate=gate)
+def test_persistent_flex_429_falls_back_to_standard_after_max_flex_attempts_without_the_gate(
+    make_proxy: Maker, sim: Simulator
+) -> None:
+    proxy = fast(make_proxy, max_flex_attempts=3, flex_gate=False)
     sim.script(*[Reply("flex_429")] * 3)
     raw = chat(proxy.client())
     assert raw.parse().service_tier == "default"
@@ -198,11 +200,31 @@ def test_persistent_flex_429_falls_back_to_standard(make_proxy: Maker, sim: Simu
     assert proxy.metric("flexproxy_fallbacks_total") == 1
 
 
-@pytest.mark.parametrize("gate", [True, False], ids=["gate", "no-gate"])
-def test_persistent_flex_429_on_backoff_strategy_ends_in_a_final_429(
-    make_proxy: Maker, sim: Simulator, gate: bool
+def test_persistent_flex_429_waits_in_the_gate_for_its_flex_budget_then_falls_back(
+    make_proxy: Maker, sim: Simulator
 ) -> None:
-    proxy = fast(make_proxy, max_flex_attempts=3, flex_gate=gate)
+    """With the gate, the request waits for flex until its flex deadline, whatever FLEX_PROXY_MAX_FLEX_ATTEMPTS
+    says (the gate's probes do not use up its attempts), then re-sends once on standard."""
+    proxy = fast(make_proxy, max_flex_attempts=1, flex_budget_s=0.6)
+    sim.options = SimOptions(flex_busy_share=1.0)
+    started = time.monotonic()
+    raw = chat(proxy.client())
+    took = time.monotonic() - started
+    assert raw.parse().service_tier == "default"
+    tiers = [r.tier for r in sim.requests]
+    assert tiers[-1] == "auto" and set(tiers[:-1]) == {"flex"} and len(tiers) >= 3  # probes past the 1 attempt
+    assert 0.6 <= took < 2.0
+    assert_gaps_at_least(sim, MIN_GAP_S)
+    billing = settled(sim)
+    assert billing.accepted == 1
+    counted(proxy, sim, "ok")
+    assert proxy.metric("flexproxy_fallbacks_total") == 1
+
+
+def test_persistent_flex_429_on_backoff_strategy_ends_in_a_final_429_without_the_gate(
+    make_proxy: Maker, sim: Simulator
+) -> None:
+    proxy = fast(make_proxy, max_flex_attempts=3, flex_gate=False)
     sim.script(*[Reply("flex_429")] * 5)
     client = proxy.client(max_retries=2, default_headers={"X-Flex-On-Unavailable": "backoff"})
     with pytest.raises(openai.RateLimitError) as caught:
@@ -211,6 +233,26 @@ def test_persistent_flex_429_on_backoff_strategy_ends_in_a_final_429(
     assert int(headers["retry-after"]) >= 1
     assert caught.value.code == "resource_unavailable"
     no_more_attempts(sim, 3, within=0.2)  # max_flex_attempts; the SDK's own 2 retries did not multiply them
+    assert_gaps_at_least(sim, MIN_GAP_S)
+    assert settled(sim).accepted == 0
+    counted(proxy, sim, "flex_unavailable")
+
+
+def test_persistent_flex_429_on_backoff_strategy_waits_in_the_gate_then_ends_in_a_final_429(
+    make_proxy: Maker, sim: Simulator
+) -> None:
+    proxy = fast(make_proxy, max_flex_attempts=1, flex_budget_s=0.6)
+    sim.options = SimOptions(flex_busy_share=1.0)
+    client = proxy.client(max_retries=2, default_headers={"X-Flex-On-Unavailable": "backoff"})
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="o3", messages=MESSAGES)
+    assert 0.6 <= time.monotonic() - started < 2.0  # waited for its whole flex budget
+    headers = final_error(caught)
+    assert int(headers["retry-after"]) >= 1
+    attempts = len(sim.requests)
+    assert attempts >= 3 and all(r.tier == "flex" for r in sim.requests)  # never paid standard
+    no_more_attempts(sim, attempts, within=0.2)  # the SDK's own 2 retries did not multiply them
     assert_gaps_at_least(sim, MIN_GAP_S)
     assert settled(sim).accepted == 0
     counted(proxy, sim, "flex_unavailable")
@@ -571,6 +613,81 @@ def test_flex_error_before_the_stream_commits_is_retried(
     billing = settled(sim)
     assert (billing.accepted, billing.refused) == (1, 1)
     counted(proxy, sim, "ok")
+
+
+def _sse_answer(*events: bytes) -> bytes:
+    """A 200 event stream that ends when the connection closes."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    return head + b"".join(events)
+
+
+SERVER_ERROR = {"message": "The server had an error while processing your request.", "type": "server_error",
+                "param": None, "code": "server_error"}  # fmt: skip
+RESPONSE = {"id": "resp_1", "object": "response", "status": "in_progress", "model": "o3", "service_tier": "auto"}
+OPENING = (
+    b"event: response.created\ndata: " + json.dumps({"type": "response.created", "sequence_number": 0,
+                                                      "response": RESPONSE}).encode() + b"\n\n"
+    b"event: response.in_progress\ndata: " + json.dumps({"type": "response.in_progress", "sequence_number": 1,
+                                                          "response": RESPONSE}).encode() + b"\n\n"
+)  # fmt: skip
+DELTA = {"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}
+CHUNK = json.dumps({"id": "c1", "object": "chat.completion.chunk", "model": "o3", "service_tier": "flex",
+                    "choices": [DELTA]}).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "stream"),
+    [
+        # After a Responses stream's opening events: the work was accepted.
+        ("responses", OPENING + b"event: error\ndata: " + json.dumps({"type": "error", "sequence_number": 2,
+                                                                       **SERVER_ERROR}).encode() + b"\n\n"),
+        # As a chat stream's first event, after the 200 status line: the work may have been accepted.
+        ("chat", b"data: " + json.dumps({"error": {**SERVER_ERROR, "code": "rate_limit_exceeded",
+                                                    "type": "requests"}}).encode() + b"\n\n"),
+    ],
+    ids=["responses-server-error-after-opening", "chat-rate-limit-first-event"],
+)
+def test_an_in_band_error_other_than_flex_capacity_is_answered_as_it_came(
+    make_proxy: Maker, endpoint: str, stream: bytes
+) -> None:
+    """A status line and headers came first, so upstream may have accepted (and billed) the work: only a
+    flex-capacity refusal, which is not charged, may be re-sent. Anything else reaches the client as it came."""
+
+    async def answer(request: Any, writer: Any) -> None:
+        writer.write(_sse_answer(stream))
+
+    with RawUpstream(answer) as up:
+        proxy = fast(make_proxy, upstream_base_url=up.url + "/v1")
+        path = "/chat/completions" if endpoint == "chat" else "/responses"
+        body = {"model": "o3", "stream": True, **({"messages": MESSAGES} if endpoint == "chat" else {"input": "hi"})}
+        got = httpx.post(proxy.base_url + path, json=body, headers={"authorization": "Bearer k"}, timeout=10)
+        assert got.status_code == 200
+        assert got.content == stream  # upstream's own bytes, nothing added
+        assert len(up.requests) == 1
+        assert eventually(lambda: proxy.metric("flexproxy_requests_total", outcome="upstream_error") == 1)
+        assert proxy.metric("flexproxy_unread_answers_total") == 0
+
+
+def test_a_stream_that_ends_with_upstreams_own_error_is_not_a_cut(make_proxy: Maker) -> None:
+    """Upstream streamed some content, then its own error event, then closed: the client gets exactly that (the
+    SDK raises upstream's error), with no error of the proxy's appended; counted as upstream_error, not
+    stream_cut, and no unread answer."""
+    stream = b"data: " + CHUNK + b"\n\n" + b"data: " + json.dumps({"error": SERVER_ERROR}).encode() + b"\n\n"
+
+    async def answer(request: Any, writer: Any) -> None:
+        writer.write(_sse_answer(stream))
+
+    with RawUpstream(answer) as up:
+        proxy = fast(make_proxy, upstream_base_url=up.url + "/v1")
+        body = {"model": "o3", "stream": True, "messages": MESSAGES, "stream_options": {"include_usage": True}}
+        got = httpx.post(proxy.base_url + "/chat/completions", json=body, headers={"authorization": "Bearer k"})
+        assert got.content == stream
+        with pytest.raises(openai.APIError, match="The server had an error"):
+            list(chat_stream(proxy.client(), stream_options={"include_usage": True}))
+        assert len(up.requests) == 2  # one per client request: neither was re-sent
+        assert eventually(lambda: proxy.metric("flexproxy_requests_total", outcome="upstream_error") == 2)
+        assert proxy.metric("flexproxy_requests_total", outcome="stream_cut") == 0
+        assert proxy.metric("flexproxy_unread_answers_total") == 0
 
 
 # -- upstream down, then back -------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from proxy.policy import (
     Progress,
     Step,
     after_flex_wait,
+    after_gate_refusal,
     backoff_delay,
     classify,
     classify_failure,
@@ -37,6 +38,7 @@ from proxy.policy import (
     client_wait_s,
     limits_for,
     next_action,
+    no_room_for_flex,
     parse_deadline,
     retry_after_s,
 )
@@ -163,15 +165,17 @@ def test_classify(status: int, error: Mapping[str, Any] | None, on_flex: bool, o
 @pytest.mark.parametrize(
     ("error", "on_flex", "outcome"),
     [
-        ({"type": "service_unavailable_error", "code": "server_is_overloaded"}, True, Outcome.SERVER_ERROR),
-        ({"type": "server_error", "code": None}, True, Outcome.SERVER_ERROR),
-        ({"code": "server_error"}, False, Outcome.SERVER_ERROR),
+        # In band, after a status line: upstream may have accepted the work, so only a flex-capacity refusal (not
+        # charged) is re-sent; server errors and rate limits are answered as they came.
+        ({"type": "service_unavailable_error", "code": "server_is_overloaded"}, True, Outcome.CLIENT_ERROR),
+        ({"type": "server_error", "code": None}, True, Outcome.CLIENT_ERROR),
+        ({"code": "server_error"}, False, Outcome.CLIENT_ERROR),
         ({"code": "resource_unavailable", "message": "Resource Unavailable"}, True, Outcome.FLEX_UNAVAILABLE),
-        ({"code": "resource_unavailable"}, False, Outcome.RATE_LIMITED),
+        ({"code": "resource_unavailable"}, False, Outcome.CLIENT_ERROR),  # not sent on flex: nothing to fix
         ({"type": "resource_unavailable"}, True, Outcome.FLEX_UNAVAILABLE),
-        ({"code": "rate_limit_exceeded", "message": TPM_MESSAGE}, True, Outcome.RATE_LIMITED),
-        ({"code": "rate_limit_exceeded", "message": TOO_LARGE_MESSAGE}, True, Outcome.TOO_LARGE),
-        ({"type": "rate_limit_error", "code": "slow_down"}, True, Outcome.RATE_LIMITED),
+        ({"code": "rate_limit_exceeded", "message": TPM_MESSAGE}, True, Outcome.CLIENT_ERROR),
+        ({"code": "rate_limit_exceeded", "message": TOO_LARGE_MESSAGE}, True, Outcome.CLIENT_ERROR),
+        ({"type": "rate_limit_error", "code": "slow_down"}, True, Outcome.CLIENT_ERROR),
         ({"type": "insufficient_quota", "code": "insufficient_quota"}, True, Outcome.BILLING),
         ({"code": "project_spend_limit_exceeded"}, False, Outcome.BILLING),
         ({"type": "invalid_request_error", "code": "invalid_prompt"}, True, Outcome.CLIENT_ERROR),
@@ -271,6 +275,7 @@ LIMITS = Limits(
         (1.0, 30.0, 10, 1.0, None, 30.0),
         (1.0, 30.0, 10, 0.5, None, 15.0),
         (0.5, 8.0, 4, 1.0, None, 8.0),
+        (1.0, 30.0, 1_025, 1.0, None, 30.0),  # 2.0 ** 1_024 overflows: the exponent is clamped first
         (0.5, 8.0, 2, 0.25, None, 0.5),
         (1.0, 30.0, 0, 1.0, 5.0, 5.0),
         (1.0, 30.0, 0, 0.0, 5.0, 5.0),
@@ -512,6 +517,45 @@ def test_a_bad_deadline_header_is_a_client_error(value: str) -> None:
 )
 def test_after_flex_wait(strategy: str, now: float, expected: Action) -> None:
     assert after_flex_wait(replace(LIMITS, strategy=strategy), now) == expected
+
+
+@pytest.mark.parametrize(
+    ("strategy", "now", "retry_after", "expected"),
+    [
+        # The gate path waits until the flex deadline (120 s here), whatever a draw or an attempt count says.
+        ("backoff-then-standard", 0.0, None, Action(Step.WAIT, 0.0, FLEX_RETRY)),
+        ("backoff-then-standard", 119.9, None, Action(Step.WAIT, 0.0, FLEX_RETRY)),
+        ("backoff", 119.9, None, Action(Step.WAIT, 0.0, FLEX_RETRY)),
+        ("backoff-then-standard", 5.0, 30.0, Action(Step.WAIT, 0.0, FLEX_RETRY)),  # fits before the flex deadline
+        # ... then the strategy's next step.
+        ("backoff-then-standard", 120.0, None, Action(Step.FALLBACK, 0.0, FLEX_RETRY)),
+        ("backoff", 120.0, None, ANSWER),
+        ("backoff-then-standard", 100.0, 30.0, Action(Step.FALLBACK, 0.0, FLEX_RETRY)),  # past the flex deadline
+        ("backoff-then-standard", 0.0, 61.0, Action(Step.FALLBACK, 0.0, FLEX_RETRY)),  # longer than the proxy sleeps
+        ("backoff", 0.0, 61.0, ANSWER),
+        ("standard", 0.0, None, Action(Step.FALLBACK, 0.0, FLEX_RETRY)),  # never waits
+        ("fail", 0.0, None, ANSWER),
+    ],
+)
+def test_after_gate_refusal(strategy: str, now: float, retry_after: float | None, expected: Action) -> None:
+    limits = replace(LIMITS, strategy=strategy, max_retry_after_s=60.0)
+    assert after_gate_refusal(limits, now, retry_after) == expected
+
+
+@pytest.mark.parametrize(
+    ("strategy", "deadline", "reserve", "room"),
+    [
+        ("backoff-then-standard", 900.0, 2.0, True),
+        ("backoff-then-standard", 1.5, 2.0, False),  # a 1.5 s deadline and a 2 s reserve: standard at once
+        ("backoff-then-standard", 2.0, 2.0, False),
+        ("backoff-then-standard", 2.1, 2.0, True),
+        ("backoff", 1.5, 2.0, True),  # backoff never falls back: it tries flex whatever the deadline
+        ("standard", 1.5, 2.0, True),
+    ],
+)
+def test_no_room_for_flex(strategy: str, deadline: float, reserve: float, room: bool) -> None:
+    limits = replace(LIMITS, strategy=strategy, deadline=deadline, standard_reserve_s=reserve)
+    assert no_room_for_flex(limits, 0.0) is not room
 
 
 @pytest.mark.parametrize(("reserve", "now", "step"), [(0.2, 899.85, Step.FALLBACK), (0.2, 899.95, Step.ANSWER),

@@ -243,7 +243,9 @@ def test_server_errors_and_dropped_connections_are_retried(proxy: ProxyServer, s
 def test_client_deadline_makes_the_proxy_fall_back_early(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
     # Flex back-off could take a minute; the client gives up after 10 s, so the proxy goes to standard at once.
     # Jitter fixed at half: the flex retry would wait 15 s, past the 4.5 s left before the standard reserve.
-    proxy = make_proxy(backoff_initial_s=30, backoff_max_s=60, standard_reserve_s=5, rand=lambda: 0.5)
+    # Without the gate: with it, the request waits in the gate until its flex deadline (tests/test_gate.py).
+    proxy = make_proxy(backoff_initial_s=30, backoff_max_s=60, standard_reserve_s=5, rand=lambda: 0.5,
+                       flex_gate=False)  # fmt: skip
     sim.script(Reply(kind="flex_429"))
     raw = chat(proxy.client(timeout=10))
     assert raw.headers["x-flex-served-tier"] == "default"
