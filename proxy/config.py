@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         0.5, gt=0, description="a probe not refused by then opens the gate (flex refuses at once; answers take long)"
     )
     gate_spell_share: float = Field(
-        0.5, ge=0, le=1, description="no probe before this share of the shortest recent busy spell has passed (0: off)"
+        0.8, ge=0, le=1, description="no probe before this share of the shortest recent busy spell has passed (0: off)"
     )
     gate_max_waiting: int = Field(10_000, ge=0, description="requests that may wait in one gate")
     flex_max_in_flight: int = Field(0, ge=0, description="flex requests in flight per gate; 0 = no cap")

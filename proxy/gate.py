@@ -46,7 +46,7 @@ class GateConfig:
     ramp_step_s: float = 0.05  # time between two ramp batches once open
     max_waiting: int = 10_000  # past this many waiters, a request takes its strategy's next step
     max_in_flight: int = 0  # flex requests in flight per gate; 0 = no cap
-    spell_share: float = 0.5  # no probe before this share of the shortest recent busy spell has passed (0: off)
+    spell_share: float = 0.8  # no probe before this share of the shortest recent busy spell has passed (0: off)
     spells_kept: int = 8  # busy spells remembered
 
 
