@@ -15,6 +15,8 @@ import pytest
 from conftest import ProxyServer
 
 from proxy.gate import MAX_GATES, FlexGate, GateConfig, Gates, GateState, Reporter, Result, State, Waiter
+from proxy.metrics import Metrics
+from proxy.reporting import GateMetrics
 from proxy.sim import Reply, Simulator
 
 CONFIG = GateConfig(probe_initial_s=0.25, probe_max_s=1.0, probe_min_s=0.1, ramp_step_s=0.05, max_waiting=3)
@@ -399,6 +401,17 @@ async def test_gates_are_bounded_per_family_when_scoped_by_key() -> None:
     assert gates.get("o3@ffffffff").key == "o3@other"
 
 
+async def test_a_gate_transition_log_line_escapes_its_key(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="flex_proxy.gate")
+    gate = FlexGate("o3\nflex gate gpt-5 is open", GateConfig(), time.monotonic, GateMetrics(Metrics(process=False)))
+    first = gate.try_pass()
+    assert first is not None
+    first.record(Result.BUSY, time.monotonic(), None, 1.0, 0.001)
+    first.done()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "flex_proxy.gate"]
+    assert "\n" not in line and line.startswith('flex gate "o3\\nflex gate gpt-5 is open" is busy')
+
+
 # -- end to end: the official SDK, the proxy and the simulator on loopback -----------------------------------
 
 
@@ -622,16 +635,18 @@ def test_a_reserve_learned_from_streams_does_not_shorten_a_whole_answer(
 
 
 def test_made_up_model_names_share_one_gate_and_cannot_crowd_out_a_real_family(
-    make_proxy: Callable[..., ProxyServer], sim: Simulator
+    make_proxy: Callable[..., ProxyServer], sim: Simulator, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Clients choose model names: 1,200 made-up ones forced onto flex make one `other` gate, series and
-    observation, and gpt-5 is still learned afterwards."""
+    observation, and gpt-5 is still learned afterwards; no log line carries a client's name raw."""
+    caplog.set_level("INFO", logger="flex_proxy.gate")
     proxy = make_proxy()
     sim.options = type(sim.options)(known_models=("*",), flex_models=("*",))
     headers = {"authorization": "Bearer k", "x-flex-tier": "flex"}
     with httpx.Client(base_url=proxy.base_url, headers=headers, timeout=10) as http:
+        sim.script(Reply(kind="flex_429"))  # the first junk request makes the `other` gate busy: a log line
         for i in range(1_200):
-            body = {"model": f"junk-{i}\n", "messages": MESSAGES}
+            body = {"model": f"junk-{i}\nflex gate o3 is open", "messages": MESSAGES}
             assert http.post("/chat/completions", json=body).status_code == 200
         off = {**headers, "x-flex-tier": "off"}
         http.post("/chat/completions", json={"model": "gpt-5", "messages": MESSAGES}, headers=off)
@@ -643,6 +658,8 @@ def test_made_up_model_names_share_one_gate_and_cannot_crowd_out_a_real_family(
     assert [g["key"] for f in status["families"] for g in f["gates"]] == ["other"]
     text = proxy.metrics()
     assert "junk" not in text and len(text.splitlines()) < 1_000
+    gate_lines = [r.getMessage() for r in caplog.records if r.name == "flex_proxy.gate"]
+    assert gate_lines and all("junk" not in line and "\n" not in line for line in gate_lines)
 
 
 def test_a_responses_stream_claims_no_served_tier_before_it_is_known(
