@@ -19,7 +19,7 @@ class Authorizer:
     """Built once from the settings: the client keys as bytes, compared in constant time on every request."""
 
     def __init__(self, settings: Settings) -> None:
-        self._keys = [(name, key.get_secret_value().encode()) for name, key in settings.named_client_keys]
+        self._keys = [(entry.name, entry.key.get_secret_value().encode()) for entry in settings.named_client_keys]
         self._own = "Bearer " + settings.api_key.get_secret_value() if settings.api_key else None
 
     def authorize(self, given: str | None) -> Caller:

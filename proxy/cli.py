@@ -212,6 +212,14 @@ def settings_warnings(settings: Settings) -> list[str]:
             f"{env_name('flex_models')} is empty: no request goes on flex unless it asks (X-Flex-Tier: flex, or its "
             f"own service_tier); unset {env_name('flex_models')} for the default list of flex models"
         )
+    old = [entry.where for entry in settings.named_client_keys if entry.old_form]
+    if old:
+        # Only where the entries are, never what they hold: an entry is a key.
+        more = f" and {len(old) - 5} more" if len(old) > 5 else ""
+        warnings.append(
+            f"{', '.join(old[:5])}{more}: `name=key` no longer names a key; each such entry is read as one bare key "
+            "(client `default`). To name a key, write the name, a space, then the key: `name key`"
+        )
     return warnings
 
 

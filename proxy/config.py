@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Strategy = Literal["backoff", "standard", "backoff-then-standard", "fail"]
@@ -30,10 +31,41 @@ def _split(value: Any) -> Any:
 
 
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The form client keys had before `name key`: a name, `=`, then a key that does not start with `=` (so the
+# padding of a base64 key such as `q3MxXn0RzUQjYl7kP9aWbQ==` never looks like it).
+_OLD_NAMED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}=[^=]")
 
 
 def _is_token(key: str) -> bool:
     return bool(key) and all(33 <= ord(c) < 127 for c in key)
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """One client key and the name it counts under; `where` says where it was given, never what it is."""
+
+    name: str
+    key: SecretStr
+    where: str  # "FLEX_PROXY_CLIENT_KEYS entry 2" or "FLEX_PROXY_CLIENT_KEYS_FILE line 7"
+    old_form: bool = False  # written `name=key`, the old form: read as a bare key
+
+
+def parse_client_key(entry: str, where: str) -> ClientKey:
+    """`key` (named `default`) or `name key`: keys hold no whitespace, so the split is unambiguous whatever else
+    a key holds (`=`, `+`, `/`). Errors name `where` and never echo any part of the entry: it may be a key."""
+    if any(ord(c) < 32 or ord(c) >= 127 for c in entry):
+        raise ValueError(f"{where} has control or non-ASCII characters (the entry is not shown)")
+    parts = entry.split()
+    if len(parts) == 1:
+        return ClientKey("default", SecretStr(parts[0]), where, bool(_OLD_NAMED.match(parts[0])))
+    if len(parts) != 2:
+        raise ValueError(f"{where} must be a key, or a name, a space and the key (the entry is not shown)")
+    if not _CLIENT_NAME.match(parts[0]):
+        raise ValueError(
+            f"{where}: the client name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or "
+            "digit (the entry is not shown)"
+        )
+    return ClientKey(parts[0], SecretStr(parts[1]), where)
 
 
 def is_loopback(host: str) -> bool:
@@ -119,10 +151,10 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="OpenAI key for requests that carry none (environment only)")
     client_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        (), description="comma-separated keys clients must present, each `name=key` or a bare key (environment only)"
+        (), description="comma-separated keys clients must present, each a bare key or `name key` (environment only)"
     )
     client_keys_file: Path | None = Field(
-        None, description="file of client keys, one `name=key` per line (# comments), for many clients"
+        None, description="file of client keys, one bare key or `name key` per line (# comments), for many clients"
     )
     mode: Literal["flex", "shadow"] = Field(
         "flex", description="flex: put eligible requests on flex; shadow: forward them as sent, count what flex saves"
@@ -136,6 +168,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json; json makes every line JSON")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    _client_keys: tuple[ClientKey, ...] = PrivateAttr(default=())
 
     @field_validator("flex_models", "client_keys", mode="before")
     @classmethod
@@ -149,13 +182,11 @@ class Settings(BaseSettings):
             value = value.strip()  # a Secret made from a file often ends with a newline
         return None if value == "" else value
 
-    @field_validator("api_key", "client_keys", "admin_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
-    def _printable_keys(cls, value: Any) -> Any:
-        keys = value if isinstance(value, tuple) else (value,)
-        for key in keys:
-            if key is not None and not _is_token(key.get_secret_value()):
-                raise ValueError("a key may not contain spaces or control characters (the value is not shown)")
+    def _printable_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _is_token(value.get_secret_value()):
+            raise ValueError("a key may not contain spaces or control characters (the value is not shown)")
         return value
 
     @field_validator("upstream_base_url")
@@ -174,21 +205,20 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _named_keys(self) -> Settings:
+        parsed = [
+            parse_client_key(item.get_secret_value(), f"FLEX_PROXY_CLIENT_KEYS entry {number}")
+            for number, item in enumerate(self.client_keys, 1)
+        ]
         if self.client_keys_file is not None:
             lines = self.client_keys_file.read_text(encoding="utf-8").splitlines()
-            kept = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-            from_file = [SecretStr(line) for line in kept]
-            for key in from_file:
-                if not _is_token(key.get_secret_value()):
-                    raise ValueError("a key in FLEX_PROXY_CLIENT_KEYS_FILE has spaces or control characters")
-            object.__setattr__(self, "client_keys", (*self.client_keys, *from_file))
-        names = [name for name, _ in self.named_client_keys]
-        for name in names:
-            if not _CLIENT_NAME.match(name):
-                raise ValueError(f"client name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
-        secrets = [key.get_secret_value() for _, key in self.named_client_keys]
+            kept = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and line.strip()[0] != "#"]
+            parsed += [parse_client_key(line, f"FLEX_PROXY_CLIENT_KEYS_FILE line {n}") for n, line in kept]
+            # Held with the others, so every check of "are there client keys" sees the file's too.
+            object.__setattr__(self, "client_keys", (*self.client_keys, *(SecretStr(line) for _, line in kept)))
+        secrets = [entry.key.get_secret_value() for entry in parsed]
         if len(set(secrets)) != len(secrets):
             raise ValueError("the same client key is given twice (the value is not shown)")
+        self._client_keys = tuple(parsed)
         return self
 
     @model_validator(mode="after")
@@ -207,17 +237,13 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def named_client_keys(self) -> tuple[tuple[str, SecretStr], ...]:
-        """(name, key) for each client key: `name=key`, or a bare key named `default`."""
-        pairs = []
-        for item in self.client_keys:
-            name, sep, key = item.get_secret_value().partition("=")
-            pairs.append((name, SecretStr(key)) if sep and name and key else ("default", item))
-        return tuple(pairs)
+    def named_client_keys(self) -> tuple[ClientKey, ...]:
+        """Every client key, from FLEX_PROXY_CLIENT_KEYS then FLEX_PROXY_CLIENT_KEYS_FILE, with its name."""
+        return self._client_keys
 
     @property
     def client_names(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(["default", *(name for name, _ in self.named_client_keys)]))
+        return tuple(dict.fromkeys(["default", *(entry.name for entry in self._client_keys)]))
 
     def first_byte_timeout_s(self, on_flex: bool) -> float:
         """How long an attempt may wait for its answer to start: flex may be silent for many minutes."""

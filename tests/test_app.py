@@ -172,7 +172,7 @@ def test_policies_show_the_named_policies_rules_and_clients(make_proxy, sim: Sim
     path = tmp_path / "policies.toml"
     path.write_text(POLICY_FILE)
     proxy = make_proxy(
-        api_key="sk-proxy-secret", client_keys="team-a=team-a-secret,team-b=team-b-secret", policy_file=str(path),
+        api_key="sk-proxy-secret", client_keys="team-a team-a-secret,team-b team-b-secret", policy_file=str(path),
         flex_gate=False,  # the request's own four flex attempts, then the fallback
     )
     sim.script(Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(kind="flex_429"))
@@ -193,7 +193,7 @@ def test_no_key_in_any_control_plane_answer(make_proxy, sim: Simulator, tmp_path
     path = tmp_path / "policies.toml"
     path.write_text(POLICY_FILE)
     proxy = make_proxy(
-        api_key="sk-proxy-secret", client_keys="team-a=team-a-secret,team-b-secret", admin_key="adm-secret",
+        api_key="sk-proxy-secret", client_keys="team-a team-a-secret,team-b-secret", admin_key="adm-secret",
         policy_file=str(path),
     )  # fmt: skip
     proxy.client(api_key="team-a-secret").chat.completions.create(model="o3", messages=MESSAGES)

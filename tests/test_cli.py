@@ -219,6 +219,14 @@ def test_empty_flex_models_is_warned_about() -> None:
     assert settings_warnings(Settings()) == []
 
 
+def test_old_named_keys_get_one_warning_by_position_only() -> None:
+    keys = ",".join(f"team{n}=ck-secret-{n}" for n in range(7))
+    (warning,) = settings_warnings(Settings(api_key=SECRET, client_keys=f"ck-fine,{keys},q3MxXn0RzUQjYl7kP9aWbQ=="))
+    assert warning.startswith("FLEX_PROXY_CLIENT_KEYS entry 2, FLEX_PROXY_CLIENT_KEYS entry 3, ")
+    assert "entry 6 and 2 more: `name=key` no longer names a key" in warning
+    assert "secret" not in warning and "team" not in warning and "q3Mx" not in warning
+
+
 @pytest.mark.parametrize(
     ("values", "mode"),
     [

@@ -273,3 +273,73 @@ def test_invalid_setting_exits_with_one_line(
     assert "\n" not in message
     assert message.startswith("flex-proxy: invalid setting " + expected)
     assert SECRET not in message and CLIENT_SECRET not in message
+
+
+# -- client keys: a bare key, or `name key` ----------------------------------------------------------------------
+
+BASE64_KEY = "q3MxXn0RzUQjYl7kP9aWbQ=="  # what `openssl rand -base64 16` prints: ends in `=`
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        (BASE64_KEY, [("default", BASE64_KEY, False)]),
+        ("team q3Mx+/ab==", [("team", "q3Mx+/ab==", False)]),
+        ("team   k:1=2", [("team", "k:1=2", False)]),
+        (" a k1 , k2 ", [("a", "k1", False), ("default", "k2", False)]),
+        ("ab+/cd==", [("default", "ab+/cd==", False)]),
+        ("=", [("default", "=", False)]),
+        ("web=ck-123", [("default", "web=ck-123", True)]),  # the old form: one bare key, and a warning
+        ("a.b-c_9=x", [("default", "a.b-c_9=x", True)]),
+        ("-web=ck", [("default", "-web=ck", False)]),  # not a valid name before the `=`: plainly a key
+    ],
+)
+def test_client_key_entries(entries: str, expected: list[tuple[str, str, bool]]) -> None:
+    settings = Settings(api_key=SECRET, client_keys=entries)
+    found = [(e.name, e.key.get_secret_value(), e.old_form) for e in settings.named_client_keys]
+    assert found == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "where"),
+    [
+        ("ok-key,bad/name+ q3Mx+/ab==", "FLEX_PROXY_CLIENT_KEYS entry 2"),
+        ("-team q3MxSECRETab==", "FLEX_PROXY_CLIENT_KEYS entry 1"),
+        ("team q3Mx SECRET", "FLEX_PROXY_CLIENT_KEYS entry 1"),
+        ("k1,k2,team q3Mx\x01SECRET", "FLEX_PROXY_CLIENT_KEYS entry 3"),
+        ("k1,q3MxSECRET\u00e9", "FLEX_PROXY_CLIENT_KEYS entry 2"),
+        ("x" * 65 + " q3MxSECRET", "FLEX_PROXY_CLIENT_KEYS entry 1"),
+    ],
+)
+def test_a_bad_client_key_entry_is_refused_by_position_never_shown(entries: str, where: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(api_key=SECRET, client_keys=entries)
+    text = str(caught.value)
+    assert where in text
+    for part in ("q3Mx", "SECRET", "bad", "team", "xxxxx"):
+        assert part not in text
+
+
+def test_client_keys_file_names_its_lines(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# team keys\n\n{BASE64_KEY}\nnightly  q3Mx+/ab==\nweb=ck-old\n")
+    settings = Settings(api_key=SECRET, client_keys="first", client_keys_file=keys)
+    found = [(e.name, e.key.get_secret_value(), e.where, e.old_form) for e in settings.named_client_keys]
+    assert found == [
+        ("default", "first", "FLEX_PROXY_CLIENT_KEYS entry 1", False),
+        ("default", BASE64_KEY, "FLEX_PROXY_CLIENT_KEYS_FILE line 3", False),
+        ("nightly", "q3Mx+/ab==", "FLEX_PROXY_CLIENT_KEYS_FILE line 4", False),
+        ("default", "web=ck-old", "FLEX_PROXY_CLIENT_KEYS_FILE line 5", True),
+    ]
+    assert settings.client_names == ("default", "nightly")
+    keys.write_text("ok\n# fine\nteam q3Mx SECRET\n")
+    with pytest.raises(ValidationError) as caught:
+        Settings(api_key=SECRET, client_keys_file=keys)
+    assert "FLEX_PROXY_CLIENT_KEYS_FILE line 3" in str(caught.value)
+    assert "q3Mx" not in str(caught.value) and "SECRET" not in str(caught.value)
+
+
+def test_the_same_key_twice_is_refused_unshown() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(api_key=SECRET, client_keys=f"a {BASE64_KEY},{BASE64_KEY}")
+    assert "twice" in str(caught.value) and "q3Mx" not in str(caught.value)

@@ -127,7 +127,7 @@ def test_two_named_clients_get_their_own_policy_and_their_own_money(
 ) -> None:
     rules = '[policies.eval]\nstrategy = "backoff"\n\n[[rules]]\nclient = "evals"\npolicy = "eval"\n'
     policy_file = write(tmp_path, rules)
-    proxy = make_proxy(api_key="sk-upstream", client_keys="evals=ck-evals,web=ck-web", policy_file=policy_file,
+    proxy = make_proxy(api_key="sk-upstream", client_keys="evals ck-evals,web ck-web", policy_file=policy_file,
                        flex_gate=False, max_flex_attempts=2)  # fmt: skip
     # The same two flex 429s: the web client (built-in backoff-then-standard) falls back to standard...
     sim.script(Reply(kind="flex_429"), Reply(kind="flex_429"), Reply(usage=USAGE))
@@ -152,7 +152,7 @@ def test_policy_header_only_where_allowed(
     make_proxy: Callable[..., ProxyServer], sim: Simulator, tmp_path: Path
 ) -> None:
     policy_file = write(tmp_path, "[policies.quiet]\nflex = false\n\n[clients.ops]\npolicy_header = true\n")
-    proxy = make_proxy(api_key="sk-upstream", client_keys="ops=ck-ops,web=ck-web", policy_file=policy_file)
+    proxy = make_proxy(api_key="sk-upstream", client_keys="ops ck-ops,web ck-web", policy_file=policy_file)
     sdk(proxy, "ck-ops", **{"X-Flex-Policy": "quiet"}).chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
     assert sim.requests[-1].tier is None  # the quiet policy: not put on flex
     with pytest.raises(openai.BadRequestError) as caught:
@@ -163,7 +163,7 @@ def test_policy_header_only_where_allowed(
 
 def test_the_standard_spend_cap_holds(make_proxy: Callable[..., ProxyServer], sim: Simulator, tmp_path: Path) -> None:
     policy_file = write(tmp_path, "[clients.team]\nstandard_spend_cap_usd = 5.0\n")
-    proxy = make_proxy(api_key="sk-upstream", client_keys="team=ck-team", policy_file=policy_file, flex_gate=False,
+    proxy = make_proxy(api_key="sk-upstream", client_keys="team ck-team", policy_file=policy_file, flex_gate=False,
                        max_flex_attempts=1)  # fmt: skip
     client = sdk(proxy, "ck-team")
     sim.script(Reply(kind="flex_429"), Reply(usage=USAGE))  # a fallback: $5.70 at standard, past the $5 cap
@@ -253,7 +253,7 @@ def test_check_policy_command(tmp_path: Path) -> None:
 
 
 def test_named_client_keys_are_trimmed_and_named() -> None:
-    settings = Settings(api_key="sk-x\n", client_keys=" a=k1 , k2 ")
-    assert [(n, k.get_secret_value()) for n, k in settings.named_client_keys] == [("a", "k1"), ("default", "k2")]
+    settings = Settings(api_key="sk-x\n", client_keys=" a k1 , k2 ")
+    assert [(e.name, e.key.get_secret_value()) for e in settings.named_client_keys] == [("a", "k1"), ("default", "k2")]
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "sk-x"
     assert json.dumps(settings.client_names) == '["default", "a"]'
