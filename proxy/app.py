@@ -25,7 +25,7 @@ from .pricing import PriceTable
 from .reporting import GateMetrics
 from .routes import ProxyApp
 from .services import Services
-from .upstream import Upstream
+from .upstream import Keepalive, Upstream
 
 LAG_INTERVAL_S = 0.5
 
@@ -52,6 +52,9 @@ def create_app(
         connect_timeout_s=settings.connect_timeout_s,
         idle_timeout_s=settings.stream_idle_timeout_s,
         max_connections=settings.max_connections,
+        keepalive=Keepalive(
+            settings.tcp_keepalive_idle_s, settings.tcp_keepalive_interval_s, settings.tcp_keepalive_count
+        ),
     )
     gates = None
     if settings.flex_gate:

@@ -145,6 +145,15 @@ class Settings(BaseSettings):
     flex_max_in_flight: int = Field(0, ge=0, description="flex requests in flight per gate; 0 = no cap")
     connect_timeout_s: float = Field(10.0, gt=0, description="upstream connect timeout")
     max_connections: int = Field(10_000, ge=1, description="upstream connection pool size")
+    # Whole seconds and counts: the kernel takes integers. Linux caps idle and interval at 32767 s and the count
+    # at 127.
+    tcp_keepalive_idle_s: int = Field(
+        60, ge=1, le=32767, description="silence on an upstream connection before the first TCP keepalive probe"
+    )
+    tcp_keepalive_interval_s: int = Field(15, ge=1, le=32767, description="seconds between TCP keepalive probes")
+    tcp_keepalive_count: int = Field(
+        4, ge=1, le=127, description="unanswered TCP keepalive probes before an upstream connection is dropped"
+    )
     max_body_mb: float = Field(64.0, gt=0, le=4096, description="largest model-request body, in MiB (413 above)")
     flex_models: Annotated[tuple[str, ...], NoDecode] = Field(
         DEFAULT_FLEX_MODELS, description="comma-separated glob patterns of flex-capable models"

@@ -8,10 +8,15 @@ large and cheap. Everything aiohttp-specific stays here so the choice can change
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import socket
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -32,6 +37,11 @@ _HOP = frozenset({
     "expect",
 })  # fmt: skip
 _CHUNK = 1 << 20  # aiohttp would rather not send bodies over 1 MiB in one write
+# Headers aiohttp would add of its own when the client sent none (`Accept: */*`, `Content-Type:
+# application/octet-stream`, its User-Agent): upstream gets the client's headers and no others. A model request
+# keeps aiohttp's Accept-Encoding, since the proxy decodes that answer itself; a pass-through sends the client's.
+_NO_AUTO = ("User-Agent", "Accept", "Content-Type")
+_NO_AUTO_RAW = (*_NO_AUTO, "Accept-Encoding")
 
 
 async def _pieces(parts: Parts) -> AsyncIterator[bytes | memoryview]:
@@ -77,6 +87,83 @@ def response_headers(raw_headers: Iterable[tuple[bytes, bytes]], *, raw: bool = 
     """Upstream headers fit to send to the client, as the bytes that came (a UTF-8 filename stays UTF-8)."""
     drop = _RAW_RESPONSE_DROP if raw else _RESPONSE_DROP
     return [(name.lower(), value) for name, value in raw_headers if name.lower() not in drop]
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive for upstream sockets: a flex answer is silent for minutes, and a NAT on the way forgets an
+    idle connection (AWS NAT gateway after 350 s), losing an answer upstream has done and billed."""
+
+    idle_s: int = 60  # silence before the first probe
+    interval_s: int = 15  # between probes
+    count: int = 4  # unanswered probes before the connection is declared dead
+
+
+# TCP_KEEPIDLE is Linux's (and Windows') name; macOS calls it TCP_KEEPALIVE.
+_KEEPIDLE = getattr(socket, "TCP_KEEPIDLE", None) or getattr(socket, "TCP_KEEPALIVE", None)
+
+
+def keepalive_socket(keepalive: Keepalive) -> Any:
+    """A socket factory for aiohttp's connector: every upstream socket with `keepalive` set, where the platform
+    has the options."""
+
+    def make(addr_info: tuple[Any, ...]) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in (
+                (_KEEPIDLE, keepalive.idle_s),
+                (getattr(socket, "TCP_KEEPINTVL", None), keepalive.interval_s),
+                (getattr(socket, "TCP_KEEPCNT", None), keepalive.count),
+            ):
+                if option is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    return make
+
+
+@dataclass
+class _Exchange:
+    """One attempt, as its connection sees it: whether any byte of an answer has arrived."""
+
+    answered: bool = False
+
+
+_EXCHANGE: contextvars.ContextVar[_Exchange | None] = contextvars.ContextVar("flex_proxy_exchange", default=None)
+
+
+class _Handler(ResponseHandler):
+    """aiohttp's protocol, noting the first byte of an answer for the attempt that is using the connection.
+
+    A status line followed by a close or a reset surfaces from aiohttp as a plain disconnect (a reset carries no
+    trace of the bytes), yet it means upstream took the request: that attempt must never be re-sent."""
+
+    _exchange: _Exchange | None = None
+
+    def set_response_params(self, **params: Any) -> None:
+        # Called by aiohttp in the task that sends the request, once per request on this connection.
+        self._exchange = _EXCHANGE.get()
+        super().set_response_params(**params)
+
+    def data_received(self, data: bytes) -> None:
+        if data and self._exchange is not None:
+            self._exchange.answered = True
+        super().data_received(data)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's TCP connector with `_Handler` as every connection's protocol."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # `_factory` is how BaseConnector makes each connection's protocol (the same since aiohttp 1.x); the
+        # fault tests fail if a release renames it.
+        self._factory = cast("functools.partial[ResponseHandler]", functools.partial(_Handler, loop=self._loop))
 
 
 @dataclass
@@ -126,6 +213,7 @@ class Upstream:
         connect_timeout_s: float,
         idle_timeout_s: float,
         max_connections: int,
+        keepalive: Keepalive = Keepalive(),
     ) -> None:
         self.base_url = base_url.rstrip("/")
         url = URL(self.base_url)
@@ -133,6 +221,7 @@ class Upstream:
         self._connect_timeout_s = connect_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._max_connections = max_connections
+        self._keepalive = keepalive
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -140,13 +229,14 @@ class Upstream:
         return self._session is not None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
-        )
+        connector = _Connector(
+            limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30,
+            socket_factory=keepalive_socket(self._keepalive),
+        )  # fmt: skip
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout_s),
-            skip_auto_headers=("User-Agent",),
+            skip_auto_headers=_NO_AUTO,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
@@ -182,6 +272,8 @@ class Upstream:
             data = body
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
+        exchange = _Exchange()
+        token = _EXCHANGE.set(exchange)
         try:
             response = await self._session.request(
                 method,
@@ -190,16 +282,18 @@ class Upstream:
                 data=data,
                 allow_redirects=False,
                 auto_decompress=not raw,
-                skip_auto_headers=("User-Agent", "Accept-Encoding") if raw else None,
+                skip_auto_headers=_NO_AUTO_RAW if raw else None,
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=self._connect_timeout_s, sock_read=self._idle_timeout_s if raw else None
                 ),
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._failure(exc, loop.time() - sent_at) from exc
+            raise self._failure(exc, loop.time() - sent_at, exchange.answered) from exc
+        finally:
+            _EXCHANGE.reset(token)
         return UpstreamResponse(response.status, response.headers, response)
 
-    def _failure(self, exc: BaseException, elapsed: float) -> UpstreamError:
+    def _failure(self, exc: BaseException, elapsed: float, answered: bool) -> UpstreamError:
         """Sort a failure before the answer's headers by what upstream may have done with the request."""
         if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             return UpstreamUnreachable(f"Could not reach the upstream API at {self.host} ({_reason(exc)}).")
@@ -207,6 +301,14 @@ class Upstream:
             return UpstreamTimeout("The upstream API did not answer in time.", elapsed_s=elapsed)
         if isinstance(exc, aiohttp.ClientResponseError):
             return UpstreamIncomplete(f"The upstream API at {self.host} sent an answer the proxy could not read.")
+        if answered:
+            # A status line (or more) came, then the connection ended: upstream took the request, so the failure
+            # is a cut answer, never re-sent, however soon it came.
+            return UpstreamIncomplete(
+                f"The upstream API at {self.host} began its answer, then closed the connection before its headers "
+                f"were complete ({_reason(exc)}).",
+                elapsed_s=elapsed,
+            )
         return UpstreamDropped(
             f"The upstream API at {self.host} closed the connection before answering ({_reason(exc)}).",
             elapsed_s=elapsed,

@@ -9,21 +9,26 @@ Absence (no further attempt) is proved by bounded polling, never by a sleep and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import rawup
 from conftest import ProxyServer
 from openai.types.chat import ChatCompletionMessageParam
-from rawup import RawUpstream
+from rawup import RawRequest, RawUpstream
 
 from proxy.sim import Reply, SimOptions, SimServer, Simulator
 
@@ -808,3 +813,151 @@ def test_client_gone_mid_stream_closes_upstream(make_proxy: Maker, sim: Simulato
     counted(proxy, sim, "client_disconnected")
     assert settled(sim).undelivered == 1
     assert proxy.metric("flexproxy_unread_answers_total") == 1
+
+
+# -- a response byte, then the connection ends (the raw upstream, tests/rawup.py) --------------------------------
+
+OK_BODY = json.dumps({
+    "id": "chatcmpl-raw", "object": "chat.completion", "created": 0, "model": "o3", "service_tier": "flex",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}).encode()  # fmt: skip
+STATUS = b"HTTP/1.1 200 OK\r\n"
+HEADERS = STATUS + b"content-type: application/json\r\ncontent-length: 400\r\nx-request-id: req_1\r\n"
+RawHandler = Callable[[RawRequest, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _then(data: bytes, rst: bool) -> RawHandler:
+    """Send `data` at once, let it arrive, then end the connection with FIN (returning) or RST."""
+
+    async def handler(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        if data:
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the bytes reach the proxy before the end does
+        if rst:
+            rawup.reset(writer)
+
+    return handler
+
+
+async def _answer(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+    writer.write(rawup.response(200, [(b"content-type", b"application/json")], OK_BODY))
+
+
+class Plan:
+    """The raw upstream's handler: each connection takes the next step of the plan, then plain answers."""
+
+    def __init__(self) -> None:
+        self.steps: list[RawHandler] = []
+
+    async def __call__(self, request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        await (self.steps.pop(0) if self.steps else _answer)(request, writer)
+
+
+@pytest.fixture(scope="module")
+def planned() -> Iterator[tuple[Plan, RawUpstream]]:
+    plan = Plan()
+    with RawUpstream(plan) as upstream:
+        yield plan, upstream
+
+
+@pytest.fixture(scope="module")
+def pure_python_parser_proxy(
+    planned: tuple[Plan, RawUpstream], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The real `flex-proxy` process with aiohttp's pure-Python HTTP parser (AIOHTTP_NO_EXTENSIONS=1)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")} | {
+        "AIOHTTP_NO_EXTENSIONS": "1", "FLEX_PROXY_UPSTREAM_BASE_URL": planned[1].url + "/v1",
+        "FLEX_PROXY_PORT": str(port), "FLEX_PROXY_MIN_BACKOFF_S": str(MIN_GAP_S),
+    }  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy"], env=env, cwd=tmp_path_factory.mktemp("pyparser"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert eventually(lambda: _answers(url), timeout=20), "flex-proxy did not start"
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+@pytest.fixture(params=["c-parser", "python-parser"])
+def raw_proxy_url(
+    request: pytest.FixtureRequest, planned: tuple[Plan, RawUpstream], make_proxy: Maker
+) -> Iterator[str]:
+    """The proxy in front of the planned raw upstream: in this process (aiohttp's C parser), and as a process of
+    its own with the pure-Python parser (shared by the tests: they count from where the last one left off)."""
+    plan, upstream = planned
+    if request.param == "c-parser":
+        url = fast(make_proxy, upstream_base_url=upstream.url + "/v1").url
+    else:
+        url = request.getfixturevalue("pure_python_parser_proxy")
+    plan.steps.clear()
+    yield url
+    plan.steps.clear()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+@pytest.mark.parametrize(
+    ("sent", "rst"),
+    [(STATUS, False), (STATUS[:-2], False), (HEADERS, False), (STATUS, True), (HEADERS, True)],
+    ids=["status-line-close", "part-of-status-line-close", "headers-close", "status-line-reset", "headers-reset"],
+)
+def test_a_response_byte_then_a_drop_is_never_resent(
+    raw_proxy_url: str, planned: tuple[Plan, RawUpstream], sent: bytes, rst: bool, stream: bool
+) -> None:
+    # Dropped at once, well inside the reset window: without a byte of answer that is a refused request and is
+    # re-sent; with one, upstream took the request and may bill it, so the client gets a final 502.
+    plan, upstream = planned
+    before = len(upstream.requests)
+    unread = _metric(raw_proxy_url, "flexproxy_unread_answers_total")
+    cut = _metric(raw_proxy_url, "flexproxy_requests_total", outcome="stream_cut")
+    plan.steps[:] = [_then(sent, rst)]
+    client = openai.OpenAI(base_url=raw_proxy_url + "/v1", api_key="k", max_retries=2)
+    with client, pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="o3", messages=MESSAGES, stream=stream)
+    assert caught.value.status_code == 502
+    final_error(caught)
+    assert caught.value.code == "upstream_incomplete"
+    assert not eventually(lambda: len(upstream.requests) > before + 1, timeout=0.3)
+    assert len(upstream.requests) == before + 1
+    assert eventually(lambda: _metric(raw_proxy_url, "flexproxy_unread_answers_total") == unread + 1, 2)
+    assert _metric(raw_proxy_url, "flexproxy_requests_total", outcome="stream_cut") == cut + 1
+
+
+@pytest.mark.parametrize("rst", [False, True], ids=["close", "reset"])
+def test_a_drop_before_any_response_byte_is_still_resent(
+    raw_proxy_url: str, planned: tuple[Plan, RawUpstream], rst: bool
+) -> None:
+    plan, upstream = planned
+    before = len(upstream.requests)
+    plan.steps[:] = [_then(b"", rst)]
+    with openai.OpenAI(base_url=raw_proxy_url + "/v1", api_key="k", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(model="o3", messages=MESSAGES)
+    assert raw.parse().choices[0].message.content == "hi"
+    assert raw.headers["x-flex-attempts"] == "2"
+    assert len(upstream.requests) == before + 2

@@ -82,6 +82,27 @@ def test_upstream_header_bytes_reach_the_client_as_they_came(raw_proxy: ProxySer
     assert b"\r\ncontent-disposition: " + UTF8_DISPOSITION + b"\r\n" in answer
 
 
+@pytest.mark.parametrize(
+    ("path", "own"),
+    [(b"/v1/chat/completions", [b"accept-encoding"]), (b"/v1/embeddings", [])],
+    ids=["model-request", "pass-through"],
+)
+def test_upstream_gets_the_clients_headers_and_none_of_aiohttps_own(
+    raw_proxy: ProxyServer, raw_upstream: RawUpstream, path: bytes, own: list[bytes]
+) -> None:
+    # No Accept, no Content-Type, no User-Agent: aiohttp would add `Accept: */*`, `Content-Type:
+    # application/octet-stream` and its own User-Agent. (A model request's Accept-Encoding is the proxy's own: it
+    # decodes that answer itself. Host and Content-Length are the connection's.)
+    body = json.dumps({"model": "o3", "messages": MESSAGES}).encode()
+    head = b"POST %s HTTP/1.1\r\nhost: x\r\nx-custom: 1\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+    answer = send_raw(raw_proxy.port, head % (path, len(body)) + body)
+    assert answer.startswith(b"HTTP/1.1 200")
+    seen = raw_upstream.requests[-1]
+    assert sorted(name.lower() for name, _ in seen.headers) == sorted([b"host", b"content-length", b"x-custom", *own])
+    assert seen.header(b"content-length") == b"%d" % len(seen.body)
+    assert seen.body == body or path != b"/v1/embeddings"  # a model request's body gains its service_tier
+
+
 def test_pass_through_keeps_content_length_head_included(proxy: ProxyServer, sim: Simulator) -> None:
     from proxy.sim.options import Canned
 
