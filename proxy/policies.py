@@ -27,9 +27,10 @@ Precedence: X-Flex-Policy (for a client allowed to use it) > the first matching 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,15 @@ _POLICY_TYPES: dict[str, tuple[type, ...]] = {
 }  # fmt: skip
 
 
+# Each number's range (its setting's, and always finite), and how an error says it. A nan compares false with
+# everything, so only a number in range passes.
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "max_flex_attempts": (lambda v: 1 <= v <= 100, "a whole number from 1 to 100"),
+    "flex_budget_s": (lambda v: 0 <= v < math.inf, "a finite number of seconds, 0 or more"),
+    "request_budget_s": (lambda v: 0 < v < math.inf, "a finite number of seconds, more than 0"),
+}
+
+
 def _parse(data: Mapping[str, Any], settings: Settings, text: str) -> PolicySet:
     unknown = set(data) - {"default", "policies", "clients", "rules"}
     if unknown:
@@ -181,8 +191,8 @@ def _parse(data: Mapping[str, Any], settings: Settings, text: str) -> PolicySet:
             if key == "policy_header" and not isinstance(value, bool):
                 raise _Problem((*where, key), "policy_header must be true or false")
             if key == "standard_spend_cap_usd" and (isinstance(value, bool) or not isinstance(value, int | float)
-                                                    or value < 0):  # fmt: skip
-                raise _Problem((*where, key), "standard_spend_cap_usd must be a number of dollars, 0 or more")
+                                                    or not 0 <= value < math.inf):  # fmt: skip
+                raise _Problem((*where, key), "standard_spend_cap_usd must be a finite number of dollars, 0 or more")
             if key not in ("policy_header", "standard_spend_cap_usd"):
                 raise _Problem((*where, key), f"unknown key {key!r} in clients.{name}")
         cap = table.get("standard_spend_cap_usd")
@@ -231,9 +241,9 @@ def _policy(name: str, table: Mapping[str, Any], base: Policy) -> Policy:
         raise _Problem(("policies", name, "strategy"), f"strategy must be one of {', '.join(STRATEGIES)}")
     if values.get("standard_tier", base.standard_tier) not in STANDARD_TIERS:
         raise _Problem(("policies", name, "standard_tier"), f"standard_tier must be one of {', '.join(STANDARD_TIERS)}")
-    for key in ("max_flex_attempts", "flex_budget_s", "request_budget_s"):
-        if key in values and values[key] <= (0 if key != "flex_budget_s" else -1):
-            raise _Problem(("policies", name, key), f"{key} must be positive")
+    for key, (in_range, rule) in _RANGES.items():
+        if key in values and not in_range(values[key]):  # TOML has nan, inf and -inf
+            raise _Problem(("policies", name, key), f"{key} must be {rule}, not {values[key]!r}")
     names = {f.name for f in fields(Policy)}
     return replace(base, name=name, **{k: v for k, v in values.items() if k in names})
 

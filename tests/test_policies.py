@@ -99,7 +99,20 @@ def test_the_policy_header_is_honoured_only_where_allowed(
         ('[policies.a]\n[[rules]]\nmodel = "o3"\n', 2, "needs policy"),
         ('default = "nope"\n', 1, "default names no policy"),
         ("[clients.x]\nstandard_spend_cap_usd = -1\n", 2, "standard_spend_cap_usd must be"),
-        ("[policies.a]\nmax_flex_attempts = 0\n", 2, "must be positive"),
+        ("[policies.a]\nmax_flex_attempts = 0\n", 2, "max_flex_attempts must be a whole number from 1 to 100"),
+        ("[policies.a]\nmax_flex_attempts = 101\n", 2, "max_flex_attempts must be a whole number from 1 to 100"),
+        ("[policies.a]\nmax_flex_attempts = 9223372036854775807\n", 2, "max_flex_attempts must be a whole number"),
+        ("[policies.a]\nflex_budget_s = -0.5\n", 2, "flex_budget_s must be a finite number of seconds, 0 or more"),
+        ("[policies.a]\nflex_budget_s = -1\n", 2, "flex_budget_s must be a finite number of seconds, 0 or more"),
+        ("[policies.a]\nflex_budget_s = nan\n", 2, "flex_budget_s must be a finite number of seconds, 0 or more, not nan"),
+        ("[policies.a]\nflex_budget_s = inf\n", 2, "flex_budget_s must be a finite number of seconds, 0 or more"),
+        ("[policies.a]\n\nflex_budget_s = -nan\n", 3, "flex_budget_s must be a finite number"),
+        ("[policies.a]\nrequest_budget_s = 0\n", 2, "request_budget_s must be a finite number of seconds, more than 0"),
+        ("[policies.a]\nrequest_budget_s = -inf\n", 2, "request_budget_s must be a finite number of seconds"),
+        ("[policies.a]\nrequest_budget_s = +inf\n", 2, "request_budget_s must be a finite number of seconds"),
+        ("[policies.a]\nrequest_budget_s = nan\n", 2, "request_budget_s must be a finite number of seconds"),
+        ("[clients.x]\nstandard_spend_cap_usd = nan\n", 2, "standard_spend_cap_usd must be a finite number"),
+        ("[clients.x]\nstandard_spend_cap_usd = inf\n", 2, "standard_spend_cap_usd must be a finite number"),
         ("[policies.a\n", 1, "line 1"),  # TOML syntax: tomllib's own message names the line
     ],
 )
@@ -109,6 +122,22 @@ def test_a_bad_file_names_the_line_and_the_problem(tmp_path: Path, text: str, li
         load(path, Settings())
     assert problem in str(caught.value)
     assert f"line {line}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("max_flex_attempts = 1", "max_flex_attempts", 1),
+        ("max_flex_attempts = 100", "max_flex_attempts", 100),
+        ("flex_budget_s = 0", "flex_budget_s", 0),
+        ("flex_budget_s = 0.0", "flex_budget_s", 0.0),
+        ("flex_budget_s = 1e300", "flex_budget_s", 1e300),
+        ("request_budget_s = 0.001", "request_budget_s", 0.001),
+    ],
+)
+def test_numbers_at_their_bounds_are_taken(tmp_path: Path, text: str, key: str, value: float) -> None:
+    policies = load(write(tmp_path, f"[policies.a]\n{text}\n"), Settings())
+    assert getattr(policies.policies["a"], key) == value
 
 
 def test_check_policy_summarises_a_good_file(tmp_path: Path) -> None:
