@@ -32,9 +32,11 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+# The SDKs' own deadlines: the Python SDK sends its read timeout as x-stainless-read-timeout; the Node, Go and
+# Ruby SDKs send their request timeout, in seconds, as x-stainless-timeout. (The Java and .NET SDKs send none.)
 _WANTED = frozenset({
     b"content-length", b"x-flex-tier", b"x-flex-policy", b"x-flex-on-unavailable", b"x-flex-deadline-s",
-    b"x-stainless-read-timeout",
+    b"x-stainless-read-timeout", b"x-stainless-timeout",
 })  # fmt: skip
 
 

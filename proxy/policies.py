@@ -57,7 +57,7 @@ class Policy:
     max_flex_attempts: int = 4
     flex_budget_s: float = 120.0  # how long to keep waiting for flex
     request_budget_s: float = 900.0  # the deadline when the client states none
-    client_deadline: bool = True  # honour x-stainless-read-timeout / X-Flex-Deadline-S
+    client_deadline: bool = True  # honour the SDKs' x-stainless-(read-)timeout and X-Flex-Deadline-S
     standard_tier: str = "auto"  # tier of the standard re-send: auto, default, omit
 
     @classmethod

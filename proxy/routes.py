@@ -172,7 +172,9 @@ class ProxyApp:
                 changes["stream_options"] = asked
                 strip_usage = expect_usage = True
         family = services.metrics.model_label(rec.model)  # bounded: a known family, `other` or `none`
-        client_wait = policy.client_wait_s(given.get("x-stainless-read-timeout"), stated)
+        client_wait = policy.client_wait_s(
+            given.get("x-stainless-read-timeout"), given.get("x-stainless-timeout"), stated
+        )
         reserve = services.observed.reserve(family, rec.stream)
         limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, chosen)
         gate = None
