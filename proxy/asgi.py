@@ -132,6 +132,8 @@ class Responder:
         self._guard = guard
         self._on_finish = on_finish  # runs just before the last byte, so a client that has its answer sees it counted
         self.started = False
+        # For a started stream: the in-band error event that ends it honestly (set by whoever streams).
+        self.error_event: Callable[[str, str], bytes] | None = None
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
@@ -146,10 +148,11 @@ class Responder:
         self._on_finish()
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
-    async def error(self, exc: FlexProxyError, headers: list[tuple[bytes, bytes]]) -> None:
-        """The proxy's own OpenAI-shaped error, marked final for the SDK; nothing if the response has begun."""
+    async def error(self, exc: FlexProxyError, headers: list[tuple[bytes, bytes]], *, retry: bool = False) -> None:
+        """The proxy's own OpenAI-shaped error, marked final for the SDK unless `retry`; nothing if the response
+        has begun."""
         if not self.started:
-            base = [(b"content-type", b"application/json"), (b"x-should-retry", b"false")]
+            base = [(b"content-type", b"application/json"), (b"x-should-retry", b"true" if retry else b"false")]
             await self.whole(exc.status, base + headers, exc.body())
 
     async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

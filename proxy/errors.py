@@ -3,6 +3,7 @@
     FlexProxyError
     ├── ClientError               the request itself is wrong (400, 401, 404, 413), or past its client's cap (429)
     │   (AdminKeyNotSet, 403: the control plane beyond loopback without FLEX_PROXY_ADMIN_KEY)
+    ├── ShuttingDown              the proxy stopped before the answer came: its drain time ran out (503)
     └── UpstreamError             the upstream could not give an answer (502)
         ├── UpstreamUnreachable   no connection could be made: nothing was sent (502)
         ├── UpstreamDropped       the connection closed or reset before any answer byte (502)
@@ -81,6 +82,11 @@ class SpendCapReached(ClientError):
             f"Client {client!r} has spent its standard-tier cap of ${cap or 0:.2f} for today (UTC); requests that "
             "can run on flex still do, others wait for tomorrow."
         )
+
+
+class ShuttingDown(FlexProxyError):
+    status = 503
+    code = "proxy_shutting_down"
 
 
 class UpstreamError(FlexProxyError):

@@ -73,6 +73,7 @@ async def _relay(
     # (`auto`), and the tier that served it comes in its last event: no header may claim it before then.
     rec.served_tier = state.served_tier if state.kind == "chat" else None
     await out.start(rec.status, headers + rec.flex_headers(served=state.kind == "chat"))
+    out.error_event = state.error_event  # so a drain that stops the proxy can still end the stream with an error
     loop = asyncio.get_running_loop()
     try:
         await out.write(b"".join(stream.pending))

@@ -25,7 +25,7 @@ from .asgi import (
     read_body,
 )
 from .attempts import Attempts, Job
-from .errors import ClientError, FlexProxyError, SpendCapReached, UpstreamError
+from .errors import ClientError, FlexProxyError, ShuttingDown, SpendCapReached, UpstreamError
 from .passthrough import passthrough, query
 from .relay import deliver, retry_after_header
 from .rewrite import parse, with_usage
@@ -74,9 +74,15 @@ class ProxyApp:
             raise  # after accounting in `finally`: uvicorn drops the connection, as it must
         except asyncio.CancelledError:
             current = asyncio.current_task()
-            if not guard.fired or (current is not None and current.cancelling()):
-                raise
-            record.outcome = "client_disconnected"
+            if guard.fired:
+                record.outcome = "client_disconnected"
+            else:
+                # uvicorn cancels what still runs when its graceful-shutdown time is up: answer in OpenAI's shape
+                # rather than let it send a plain-text 500 (which the SDK would re-send). Python 3.11: uncancel, so
+                # the answer below is not cancelled too.
+                if current is not None:
+                    current.uncancel()
+                await _shutting_down(responder, record)
         except Exception:
             # A bug of ours: the client still gets an OpenAI-shaped answer, and the proxy keeps serving.
             LOG.exception("unexpected error while serving %s %r", record.method, record.path)
@@ -232,3 +238,23 @@ async def _refuse(out: Responder, rec: Record, exc: ClientError, retry_after: in
     rec.status = exc.status
     extra = [] if retry_after is None else [(b"retry-after", str(retry_after).encode())]
     await out.error(exc, rec.flex_headers() + extra)
+
+
+async def _shutting_down(out: Responder, rec: Record) -> None:
+    """The proxy stops before this answer came: a 503 that says whether a re-send is safe (nothing reached
+    upstream: another replica can take it), or the stream's own error event."""
+    rec.outcome = "shutdown"
+    message = "The proxy is shutting down and stopped this request before its answer was complete."
+    if out.started:
+        if out.error_event is None:
+            raise ResponseAborted  # a whole answer half sent: only dropping the connection is honest
+        await out.write(out.error_event(message, ShuttingDown.code))
+        await out.finish()
+        return
+    rec.status = ShuttingDown.status
+    # A model request's attempt cut in flight counts as unread (as does any upstream took and nobody read); a
+    # pass-through sent at all may have been done (an upload, a batch).
+    accepted = rec.unread > 0 or (rec.endpoint == "other" and rec.attempts > 0)
+    if accepted:
+        message += " Upstream may have done the work already; sending it again may pay for it twice."
+    await out.error(ShuttingDown(message), rec.flex_headers(), retry=not accepted)

@@ -139,3 +139,113 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/healthz", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# -- the drain runs out: an OpenAI-shaped answer, never uvicorn's plain-text 500 -------------------------------
+
+
+class Draining:
+    """The real `flex-proxy` with a 1 s drain, in front of the simulator; `stop()` sends SIGTERM and returns all
+    the process wrote."""
+
+    def __init__(self, sim_server: SimServer, cwd: object) -> None:
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")}
+        env |= {
+            "FLEX_PROXY_UPSTREAM_BASE_URL": sim_server.base_url, "FLEX_PROXY_PORT": str(port),
+            "FLEX_PROXY_SHUTDOWN_GRACE_S": "1",
+        }  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _healthy(self.url)), "proxy did not start"
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.communicate()[0]
+
+
+def _in_thread(call) -> tuple[threading.Thread, dict[str, object]]:  # type: ignore[no-untyped-def]
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["answer"] = call()
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize(
+    ("reply", "retry"),
+    [(Reply(kind="slow", delay_s=20), "false"), (Reply(kind="rate_limit_429", retry_after_ms=20_000), "true")],
+    ids=["attempt-in-flight", "waiting-between-attempts"],
+)
+def test_the_drain_running_out_answers_503_in_openai_shape(
+    sim_server: SimServer, sim: Simulator, tmp_path, reply: Reply, retry: str  # type: ignore[no-untyped-def]
+) -> None:
+    proxy = Draining(sim_server, tmp_path)
+    output = ""
+    try:
+        sim.script(reply)
+        # The SDK's default retries: a 503 marked final must not be re-sent; one marked retry may go elsewhere.
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=2 if retry == "false" else 0)
+        thread, outcome = _in_thread(lambda: client.chat.completions.create(model="o3", messages=MESSAGES))  # type: ignore[arg-type]
+        assert wait_until(lambda: len(sim.requests) == 1)
+        time.sleep(0.2)  # the request is now past its first attempt: in flight, or sleeping through retry-after
+        output = proxy.stop()
+        thread.join(15)
+    finally:
+        output = output or proxy.stop()
+        client.close()
+    error = outcome.get("error")
+    assert isinstance(error, openai.APIStatusError), (outcome, output)
+    assert error.status_code == 503 and error.code == "proxy_shutting_down"
+    body = error.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["type"] == "server_error"
+    assert error.response.headers["x-should-retry"] == retry
+    assert error.response.headers["content-type"] == "application/json"
+    assert len(sim.requests) == 1  # upstream saw one attempt: the SDK did not re-send
+    lines = [line for line in output.splitlines() if "outcome=" in line]
+    assert len(lines) == 1 and "outcome=shutdown" in lines[0] and "status=503" in lines[0], output
+    assert "Traceback" not in output
+
+
+def test_the_drain_running_out_ends_a_stream_with_an_error_event(
+    sim_server: SimServer, sim: Simulator, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    proxy = Draining(sim_server, tmp_path)
+    output = ""
+    received: list[object] = []
+    try:
+        sim.script(Reply(kind="ok", events=60, event_interval_s=0.5))
+        client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k")
+
+        def read_stream() -> None:
+            for chunk in client.chat.completions.create(model="o3", messages=MESSAGES, stream=True):  # type: ignore[arg-type]
+                received.append(chunk)
+
+        thread, outcome = _in_thread(read_stream)
+        assert wait_until(lambda: len(received) >= 1)
+        output = proxy.stop()
+        thread.join(15)
+    finally:
+        output = output or proxy.stop()
+        client.close()
+    error = outcome.get("error")
+    assert isinstance(error, openai.APIError) and error.code == "proxy_shutting_down", (outcome, output)
+    assert 1 <= len(received) < 60
+    assert len(sim.requests) == 1
+    lines = [line for line in output.splitlines() if "outcome=" in line]
+    assert len(lines) == 1 and "outcome=shutdown" in lines[0] and "status=200" in lines[0], output
+    assert "Traceback" not in output
