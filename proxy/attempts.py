@@ -263,9 +263,11 @@ class Attempts:
             elapsed = s.clock() - sent_at
             if wait < tier_timeout and limits.client_deadline:
                 return DeadlineExceeded("No answer came before this request's deadline.", elapsed_s=elapsed)
-            return UpstreamTimeout(
-                f"The upstream API did not start its answer within {wait:g} s.", elapsed_s=elapsed
-            )
+            if response is not None:
+                message = f"The upstream API did not finish its answer within {wait:g} s."
+            else:
+                message = f"The upstream API did not start its answer within {wait:g} s."
+            return UpstreamTimeout(message, elapsed_s=elapsed, answered=response is not None)
         except UpstreamError as exc:
             if response is not None:
                 response.close()

@@ -96,9 +96,12 @@ class UpstreamError(FlexProxyError):
     outcome = "unreachable"  # the request's outcome label in metrics and logs
     status_class = "connection_error"  # the attempt's label in flexproxy_upstream_attempts_total
 
-    def __init__(self, message: str, *, elapsed_s: float = 0.0, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, elapsed_s: float = 0.0, code: str | None = None, answered: bool = False
+    ) -> None:
         super().__init__(message, code=code)
         self.elapsed_s = elapsed_s  # from sending the request to the failure
+        self.answered = answered  # a status line had come: upstream may have accepted the work
 
 
 class UpstreamUnreachable(UpstreamError):

@@ -229,7 +229,8 @@ def classify_failure(exc: UpstreamError, limits: Limits) -> Outcome:
     if isinstance(exc, DeadlineExceeded):
         return Outcome.DEADLINE
     if isinstance(exc, UpstreamTimeout):
-        return Outcome.TIMEOUT
+        # Silent after its status line: never re-sent, even where read timeouts are (the work may be accepted).
+        return Outcome.INCOMPLETE if exc.answered else Outcome.TIMEOUT
     if isinstance(exc, UpstreamIncomplete):
         return Outcome.INCOMPLETE
     return Outcome.UNREACHABLE

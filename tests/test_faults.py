@@ -961,3 +961,23 @@ def test_a_drop_before_any_response_byte_is_still_resent(
     assert raw.parse().choices[0].message.content == "hi"
     assert raw.headers["x-flex-attempts"] == "2"
     assert len(upstream.requests) == before + 2
+
+
+def test_a_status_line_then_silence_is_never_resent_even_where_read_timeouts_are(make_proxy: Maker) -> None:
+    """FLEX_PROXY_RETRY_READ_TIMEOUTS re-sends work that got no answer in time; but once a status line and
+    headers have come, upstream may have accepted the work, and the silence after them is never re-sent."""
+
+    async def headers_then_silence(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    with RawUpstream(headers_then_silence) as up:
+        proxy = fast(make_proxy, upstream_base_url=up.url + "/v1", retry_read_timeouts=True)
+        with pytest.raises(openai.APIStatusError) as caught:
+            chat(proxy.client())
+        assert caught.value.status_code == 504
+        final_error(caught)
+        assert len(up.requests) == 1
+        assert eventually(lambda: proxy.metric("flexproxy_requests_total", outcome="timeout") == 1)
+        assert proxy.metric("flexproxy_unread_answers_total") == 1
