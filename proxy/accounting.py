@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .ledger import DailyLedger, Tally
 from .logs import AccessLog
 from .metrics import Metrics, tier_label
-from .pricing import Costing, PriceTable, Usage, price, shadow_savings
+from .pricing import Costing, PriceTable, Usage, nano_usd, price, shadow_savings
 from .spend import DailySpend
 
 
@@ -110,6 +111,23 @@ def price_record(rec: Record, prices: PriceTable) -> Costing | None:
     return costing
 
 
+def tally_of(rec: Record, served: str, money: tuple[int, int, int] | None) -> Tally:
+    """One finished model request as a ledger cell."""
+    answered = rec.outcome == "ok"
+    cost, saved, lost = money or (0, 0, 0)
+    return Tally(
+        requests=1,
+        answered=int(answered),
+        flex_sent=int(answered and rec.requested_tier == "flex"),
+        served_flex=int(answered and served == "flex"),
+        fallbacks=int(rec.fell_back),
+        unread=rec.unread,
+        cost_nusd=cost,
+        saved_nusd=saved,
+        lost_nusd=lost,
+    )
+
+
 def account(
     rec: Record,
     duration: float,
@@ -117,24 +135,31 @@ def account(
     prices: PriceTable,
     access_log: AccessLog,
     spend: DailySpend | None = None,
+    ledger: DailyLedger | None = None,
+    day: str = "",
 ) -> None:
-    """Count the request, price its usage at the served tier, add standard spend to the client's day, and write
-    its log line."""
+    """Count the request, price its usage at the served tier, add standard spend to the client's day, add a model
+    request to the ledger's `day` (the same numbers the counters get), and write its log line."""
     model = metrics.model_label(rec.model)
     requested, served = tier_labels(rec)
     metrics.requests.labels(rec.endpoint, model, rec.client, requested, served, rec.outcome).inc()
     metrics.duration.labels(rec.endpoint, rec.outcome).observe(duration)
+    money = None
     if rec.usage is not None and rec.model is not None:
         costing = price_record(rec, prices)
-        metrics.account(model, rec.client, served, rec.usage, costing)
+        if costing is not None:
+            money = nano_usd(costing.cost_usd), nano_usd(costing.saved_usd), nano_usd(costing.lost_usd)
+        metrics.account(model, rec.client, served, rec.usage, money)
         if costing is not None and spend is not None and served != "flex":
             spend.add(rec.client, float(costing.cost_usd))
         if rec.shadow_eligible:
             model_price = prices.resolve(rec.model)
             if model_price is not None:
                 saving = shadow_savings(model_price, rec.usage, rec.served_tier)
-                metrics.shadow_saved.labels(model, rec.client).inc(float(saving))
+                metrics.shadow_saved.add(nano_usd(saving), model, rec.client)
     if rec.unread:
         metrics.unread.labels(rec.endpoint, model, requested).inc(rec.unread)
+    if ledger is not None and rec.endpoint != "other":
+        ledger.add(day, rec.client, model, tally_of(rec, served, money))
     if access_log.enabled:
         access_log.write(rec.fields(duration))

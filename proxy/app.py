@@ -17,6 +17,7 @@ from .auth import Authorizer
 from .config import Settings
 from .control import control_app
 from .gate import GateConfig, Gates
+from .ledger import Ledger
 from .logs import AccessLog
 from .metrics import Metrics
 from .observed import Observed
@@ -36,6 +37,7 @@ def create_app(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rand: Callable[[], float] = random.random,
+    wall: Callable[[], float] = time.time,
 ) -> FlexProxy:
     """The flex-proxy app; nothing is started until the lifespan runs."""
     settings = settings or Settings()
@@ -80,7 +82,9 @@ def create_app(
         policies=policies,
         gates=gates,
         observed=observed,
+        ledger=Ledger(wall()),
         clock=clock,
+        wall=wall,
         sleep=sleep,
         rand=rand,
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
-from .pricing import Costing, Usage, family_of
+from .pricing import Usage, family_of
 
 # How a tier reads in every label: standard stands for default, auto and no tier at all on a model request.
 _TIER_LABELS = {
@@ -33,6 +35,37 @@ class Labelled(Generic[M]):
         if child is None:
             child = self._children[values] = self.metric.labels(*values)
         return child
+
+
+class Money:
+    """A counter of USD kept as whole nano-USD per label set, so its sums are exact: shown as value / 1e9 (the text
+    reads 0.002, never 0.0020000000000000005); the ledger sums the same integers."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.values: dict[tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def touch(self, *labels: str) -> None:
+        """Create a label set at 0, so a quiet proxy's panels read 0 and the first increment is not lost to rate()."""
+        self.values.setdefault(labels, 0)
+
+    def add(self, nusd: int, *labels: str) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + nusd
+
+    def total(self) -> int:
+        """nano-USD over every label set."""
+        return sum(self.values.values())
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, nusd in list(self.values.items()):
+            family.add_metric(labels, nusd / 1e9)
+        yield family
 
 
 def tier_label(tier: object, *, missing: str = "standard") -> str:
@@ -84,26 +117,24 @@ class Metrics:
             "flexproxy_tokens", "Tokens reported by upstream, by client, served tier and kind.",
             ["model", "client", "tier", "kind"], registry=r,
         ))  # fmt: skip
-        self.cost = Labelled(Counter(
-            "flexproxy_cost_usd", "Spend in USD at the served tier.", ["model", "client", "tier"], registry=r
-        ))  # fmt: skip
-        self.saved = Labelled(Counter(
+        self.cost = Money("flexproxy_cost_usd", "Spend in USD at the served tier.", ["model", "client", "tier"], r)
+        self.saved = Money(
             "flexproxy_cost_saved_usd", "USD saved: standard price minus flex price of answers served on flex.",
-            ["model", "client"], registry=r,
-        ))  # fmt: skip
-        self.lost = Labelled(Counter(
+            ["model", "client"], r,
+        )  # fmt: skip
+        self.lost = Money(
             "flexproxy_savings_lost_usd", "USD flex would have saved on requests sent flex but served standard.",
-            ["model", "client"], registry=r,
-        ))  # fmt: skip
+            ["model", "client"], r,
+        )  # fmt: skip
         self.unread = Labelled(Counter(
             "flexproxy_unread_answers", "Requests upstream accepted whose answer was never read to its end "
             "(timeouts, cuts, clients that left): upstream may bill them, and their usage is unknown.",
             ["endpoint", "model", "tier"], registry=r,
         ))  # fmt: skip
-        self.shadow_saved = Labelled(Counter(
+        self.shadow_saved = Money(
             "flexproxy_shadow_savings_usd", "Shadow mode: USD these answers would have saved on flex.",
-            ["model", "client"], registry=r,
-        ))  # fmt: skip
+            ["model", "client"], r,
+        )  # fmt: skip
         self.unpriced = Labelled(Counter(
             "flexproxy_unpriced_responses", "Answers with usage but no price for their model and tier.",
             ["model", "tier"], registry=r,
@@ -149,10 +180,10 @@ class Metrics:
             self.duration.labels(endpoint, "ok")
         for client in clients:
             for model in flex_models:
-                self.saved.labels(model, client)
-                self.lost.labels(model, client)
+                self.saved.touch(model, client)
+                self.lost.touch(model, client)
                 for tier in ("flex", "standard"):
-                    self.cost.labels(model, client, tier)
+                    self.cost.touch(model, client, tier)
 
     def model_label(self, model: object) -> str:
         """The price-table family, else "other" (a typo must not get a label of its own); "none" for no model."""
@@ -161,21 +192,23 @@ class Metrics:
         family = family_of(model)
         return family if family in self._known else "other"
 
-    def account(self, model: str, client: str, tier: str, usage: Usage, costing: Costing | None) -> None:
+    def account(self, model: str, client: str, tier: str, usage: Usage, money: tuple[int, int, int] | None) -> None:
+        """Count an answer's tokens and its money: (cost, saved, lost) in nano-USD, None when it has no price."""
         for kind, count in (
             ("input", usage.input), ("cached_input", usage.cached_input),
             ("output", usage.output), ("reasoning", usage.reasoning),
         ):  # fmt: skip
             if count:
                 self.tokens.labels(model, client, tier, kind).inc(count)
-        if costing is None:
+        if money is None:
             self.unpriced.labels(model, tier).inc()
             return
-        self.cost.labels(model, client, tier).inc(float(costing.cost_usd))
-        if costing.saved_usd:
-            self.saved.labels(model, client).inc(float(costing.saved_usd))
-        if costing.lost_usd:
-            self.lost.labels(model, client).inc(float(costing.lost_usd))
+        cost, saved, lost = money
+        self.cost.add(cost, model, client, tier)
+        if saved:
+            self.saved.add(saved, model, client)
+        if lost:
+            self.lost.add(lost, model, client)
 
 
 def status_class(status: int | None, error: str | None = None) -> str:

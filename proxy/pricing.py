@@ -7,13 +7,14 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 _DATED = re.compile(r"^(?P<family>.+?)-\d{4}-\d{2}-\d{2}$")
 _MILLION = Decimal(1_000_000)
+_NANO = Decimal(1_000_000_000)
 STANDARD_TIERS = frozenset({"default", "auto", "standard"})
 
 
@@ -51,6 +52,11 @@ class Costing:
     cost_usd: Decimal
     saved_usd: Decimal  # standard price minus flex price, for answers served on flex
     lost_usd: Decimal  # what flex would have saved, for answers the proxy sent flex but another tier served
+
+
+def nano_usd(usd: Decimal) -> int:
+    """USD as whole nano-USD (half to even), never below zero: the unit money is summed in, so sums stay exact."""
+    return max(0, int((usd * _NANO).to_integral_value(ROUND_HALF_EVEN)))
 
 
 @functools.lru_cache(maxsize=4096)  # asked several times per request, for a handful of names

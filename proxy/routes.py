@@ -26,6 +26,7 @@ from .asgi import (
 )
 from .attempts import Attempts, Job
 from .errors import ClientError, FlexProxyError, ShuttingDown, SpendCapReached, UpstreamError
+from .ledger import utc_day
 from .passthrough import passthrough, query
 from .relay import deliver, retry_after_header
 from .rewrite import parse, with_usage
@@ -58,7 +59,8 @@ class ProxyApp:
             if not settled:
                 settled = True
                 s.metrics.in_flight.labels(record.endpoint).dec()
-                account(record, s.clock() - start, s.metrics, s.prices, s.access_log, s.spend)
+                day = utc_day(s.wall())
+                account(record, s.clock() - start, s.metrics, s.prices, s.access_log, s.spend, s.ledger, day)
 
         guard = DisconnectGuard(receive)
         responder = Responder(send, guard, settle)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .auth import Authorizer
 from .config import Settings
 from .gate import Gates
+from .ledger import DailyLedger, Ledger
 from .logs import AccessLog
 from .metrics import Metrics
 from .observed import Observed
@@ -22,7 +23,7 @@ from .upstream import Upstream
 
 @dataclass
 class Services:
-    """Shared parts of the pipeline; clock, sleep and rand are seams for tests."""
+    """Shared parts of the pipeline; clock, wall, sleep and rand are seams for tests."""
 
     settings: Settings
     upstream: Upstream
@@ -34,7 +35,9 @@ class Services:
     gates: Gates | None = None  # None: the flex gate is switched off
     observed: Observed = field(default_factory=lambda: Observed(15.0, 2.0, 120.0))
     spend: DailySpend = field(default_factory=DailySpend)
+    ledger: DailyLedger = field(default_factory=lambda: Ledger(time.time()))
     clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time  # the calendar (UTC days of the ledger, session expiry), not intervals
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     rand: Callable[[], float] = random.random
     draining: bool = False
