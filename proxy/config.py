@@ -170,7 +170,11 @@ class Settings(BaseSettings):
     )
     policy_file: Path | None = Field(None, description="TOML file of named policies and the rules that choose them")
     admin_key: SecretStr | None = Field(
-        None, description="key the control plane asks for when the proxy listens beyond loopback (environment only)"
+        None, description="key the control plane asks of callers not on loopback (environment only)"
+    )
+    loopback_admin: bool = Field(
+        True, description="callers on loopback (port-forward, docker exec) use the control plane without the admin "
+        "key; false behind a reverse proxy or mesh sidecar on the same host, which makes everyone look local",
     )
     metrics_open: bool = Field(True, description="serve /metrics without the admin key, for scrapers")
     prices_file: Path | None = Field(None, description="JSON price file that extends or replaces the packaged table")

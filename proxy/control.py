@@ -3,25 +3,27 @@ app with typed answers and an OpenAPI schema. Never on the hot path: `app.FlexPr
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from . import __version__
-from .config import Strategy, is_loopback
-from .errors import AdminKeyNotSet, ClientError, FlexProxyError, NotFound, Unauthorized
+from . import __version__, apidoc
+from .access import AdminAccess
+from .config import Strategy
+from .errors import ClientError, FlexProxyError, NotFound
 from .gate import State
+from .ledger import MAX_DAYS
 from .observed import RATE_WINDOW_S
+from .page import savings_page
 from .policies import Policy, Rule
 from .pricing import ModelPrice, Rates
+from .savings import DEFAULT_DAYS, SavingsFigures, savings_figures
 from .services import Services
 
 # First path segments of the OpenAI API: a request for one of these without /v1 comes from a base_url missing it.
@@ -160,51 +162,33 @@ class Policies(BaseModel):
     clients: list[ClientOut]
 
 
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+class Savings(SavingsFigures):
+    """Today and the last `days` UTC days: totals, by client, by model and by day; and each flex gate's state."""
+
+    gates: FlexStatus
+
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorEnvelope, "description": "beyond loopback: the admin key is missing or wrong"},
-    403: {"model": ErrorEnvelope, "description": "beyond loopback: FLEX_PROXY_ADMIN_KEY is not set"},
-}
-
-
-class AdminLock:
-    """Open on loopback; beyond it, `Authorization: Bearer <FLEX_PROXY_ADMIN_KEY>`, compared in constant time."""
-
-    def __init__(self, host: str, key: SecretStr | None) -> None:
-        self.open = is_loopback(host)
-        self._key = key.get_secret_value().encode() if key is not None else None
-
-    def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        if self.open:
-            return
-        if self._key is None:
-            raise AdminKeyNotSet(
-                "The proxy listens beyond loopback and FLEX_PROXY_ADMIN_KEY is not set, so its control plane is "
-                "closed (only /healthz, /readyz and an open /metrics answer). Set FLEX_PROXY_ADMIN_KEY to open it."
-            )
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, self._key):
-            raise Unauthorized(
-                "The control plane needs the admin key (FLEX_PROXY_ADMIN_KEY) as Authorization: Bearer <key>."
-            )
+    401: {"model": ErrorEnvelope, "description": "not on loopback: the admin key (bearer or login cookie) is missing "
+          "or wrong"},
+    403: {"model": ErrorEnvelope, "description": "not on loopback, and FLEX_PROXY_ADMIN_KEY is not set"},
+}  # fmt: skip
 
 
 def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = None) -> FastAPI:
     """The FastAPI app for everything outside /v1/; `lifespan` is the proxy's (it owns the upstream client)."""
     settings = services.settings
-    lock = AdminLock(settings.host, settings.admin_key)
-
-    async def admin(credentials: Credentials) -> None:  # async: a plain def would run in a worker thread
-        lock.check(credentials)
-
-    guarded = [Depends(admin)]
+    access = AdminAccess(settings, services.wall)
+    guarded = [Depends(access.api)]
     app = FastAPI(
         title="flex-proxy control plane",
         version=__version__,
-        description="Health, readiness, metrics and what is in force. The OpenAI API itself is served under /v1/ "
-        "by the proxy's own pipeline and is not described here. Beyond loopback, every endpoint but /healthz, "
-        "/readyz (and /metrics unless FLEX_PROXY_METRICS_OPEN=false) needs `Authorization: Bearer "
-        "<FLEX_PROXY_ADMIN_KEY>`.",
+        description="The savings page (`/`), what flex saved, health, readiness, metrics and what is in force. The "
+        "OpenAI API itself is served under /v1/ by the proxy's own pipeline; its two rewritten endpoints are "
+        "described here too. A caller on loopback (the proxy's machine or pod: `kubectl port-forward`, `docker "
+        "exec`) needs no key; any other needs FLEX_PROXY_ADMIN_KEY as `Authorization: Bearer <key>`, or the cookie "
+        "`POST /login` sets, for every endpoint but /healthz, /readyz (and /metrics unless "
+        "FLEX_PROXY_METRICS_OPEN=false).",
         lifespan=lifespan,
         redoc_url=None,
         docs_url=None,
@@ -212,6 +196,8 @@ def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = 
     )
     app.add_exception_handler(FlexProxyError, _proxy_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid_query)
+    access.install(app)
 
     @app.get("/healthz", response_model=Health, tags=["probes"])
     async def healthz() -> Health:
@@ -265,21 +251,42 @@ def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = 
         """The strategy, timeouts and gate settings in force, and the named policies; never a key."""
         return policies_of(services)
 
-    _docs(app, guarded)
+    @app.get("/flex/savings", response_model=Savings, dependencies=guarded, responses=ERRORS, tags=["flex"])
+    async def flex_savings(
+        days: Annotated[int, Query(ge=1, le=MAX_DAYS, description="UTC days ending today")] = DEFAULT_DAYS,
+    ) -> Savings:
+        """What flex saved: today and the last `days` UTC days, totals and by client, model and day, from the daily
+        ledger (this process since it started, or the fleet's); and each flex gate's state."""
+        shadow = services.metrics.shadow_saved.total()
+        found = await savings_figures(services.ledger, days, services.wall(), settings.mode, shadow)
+        return Savings(**dict(found), gates=flex_status_of(services))
+
+    @app.get("/", include_in_schema=False, dependencies=[Depends(access.page)])
+    async def page() -> Response:
+        return savings_page()
+
+    _docs(app, guarded, [Depends(access.page)])
     return app
 
 
-def _docs(app: FastAPI, guarded: list[Any]) -> None:
-    """/openapi.json and /docs (Swagger UI), behind the same lock as the rest of the control plane."""
+def _docs(app: FastAPI, guarded: list[Any], page: list[Any]) -> None:
+    """/openapi.json and /docs (Swagger UI from packaged assets), behind the same rule as the rest."""
 
     async def openapi() -> JSONResponse:
-        return JSONResponse(app.openapi())
+        return JSONResponse(apidoc.with_mirrored(app.openapi()))
 
     async def docs() -> Response:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title + " - docs")
+        return apidoc.docs_page(app.title + " - docs")
+
+    async def asset(name: str) -> Response:
+        found = apidoc.asset(name)
+        if found is None:
+            raise HTTPException(404)
+        return found
 
     app.add_api_route("/openapi.json", openapi, dependencies=guarded, include_in_schema=False)
-    app.add_api_route("/docs", docs, dependencies=guarded, include_in_schema=False)
+    app.add_api_route("/docs", docs, dependencies=page, include_in_schema=False)
+    app.add_api_route(apidoc.ASSET_PATH + "{name}", asset, dependencies=guarded, include_in_schema=False)
 
 
 def flex_status_of(services: Services) -> FlexStatus:
@@ -379,6 +386,16 @@ async def _proxy_error(request: Request, exc: Exception) -> Response:
     return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
 
 
+async def _invalid_query(request: Request, exc: Exception) -> Response:
+    """A query parameter out of bounds, in the OpenAI shape (FastAPI's own would be a 422 of another shape)."""
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = first.get("loc", ())
+    param = str(where[-1]) if where else None
+    error = ClientError(f"Invalid {param or 'request'}: {first.get('msg', 'not valid')}.", param=param)
+    return Response(error.body(), 400, media_type="application/json")
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Routing's own errors (404, 405) in the OpenAI shape; a 404 for an API path says to add /v1."""
     assert isinstance(exc, HTTPException)
@@ -399,6 +416,6 @@ def not_found_message(request: Request) -> str:
             f"base_url ({str(request.base_url).rstrip('/')}/v1)."
         )
     return (
-        f"Unknown URL ({method} {shown}). This proxy serves the OpenAI API under /v1/, and /healthz, /readyz, "
-        "/metrics, /flex/status, /flex/prices, /flex/policies and /docs."
+        f"Unknown URL ({method} {shown}). This proxy serves the OpenAI API under /v1/, and the savings page at /, "
+        "/healthz, /readyz, /metrics, /flex/savings, /flex/status, /flex/prices, /flex/policies and /docs."
     )

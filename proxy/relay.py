@@ -28,7 +28,7 @@ async def deliver(
     rec.status = response.status
     headers = response_headers(response.raw_headers)
     if answer.stream is not None:
-        await _relay(rec, out, headers, answer.stream, idle_timeout_s)
+        await _relay(rec, out, headers, answer.stream, idle_timeout_s, prices)
         return
     if response.status >= 400:
         rec.outcome = answer.outcome.value if answer.outcome is not Outcome.OK else "upstream_error"
@@ -64,8 +64,22 @@ def _usd(value: float) -> bytes:
     return f"{value:.8f}".encode()
 
 
+def cost_comment(rec: Record, prices: PriceTable) -> bytes:
+    """A stream's cost headers, as the SSE comment that ends a priced stream: its headers left before its usage came.
+    SSE clients, the OpenAI SDKs among them, skip comment lines."""
+    priced = cost_headers(rec, prices) if rec.outcome == "ok" and rec.usage is not None else []
+    if not priced:
+        return b""
+    return b": " + b" ".join(name + b"=" + value for name, value in priced) + b"\n\n"
+
+
 async def _relay(
-    rec: Record, out: Responder, headers: list[tuple[bytes, bytes]], stream: OpenStream, idle_timeout_s: float
+    rec: Record,
+    out: Responder,
+    headers: list[tuple[bytes, bytes]],
+    stream: OpenStream,
+    idle_timeout_s: float,
+    prices: PriceTable,
 ) -> None:
     """Send the stream on event by event; a cut or silent upstream ends it with an error event, never quietly."""
     state = stream.state
@@ -108,4 +122,4 @@ async def _relay(
             rec.usage = usage_from(state.usage_body)
         elif not state.complete and state.error is None:
             rec.unread += 1  # cut, gone silent, or its client left: the usage never came
-    await out.finish()
+    await out.finish(cost_comment(rec, prices))
