@@ -374,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         return simulate(argv[1:])
     if argv[:1] == ["check-policy"]:
         return _check_policy(argv[1:])
+    if argv[:1] == ["report"]:
+        from .report import main as report
+
+        key = os.environ.get("FLEX_PROXY_ADMIN_KEY", "").strip() or None  # a key only in the environment, never a flag
+        return report(argv[1:], key, sys.stdout, sys.stderr)
     unknown = unknown_variables(os.environ)
     try:
         settings = load_settings(argv)

@@ -8,8 +8,10 @@ import logging
 import httpx
 import pytest
 from conftest import ProxyServer
+from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.logs import JsonFormatter
+from proxy.metrics import Metrics
 from proxy.sim import Reply, Simulator
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -108,3 +110,38 @@ def test_one_json_log_line_per_request(make_proxy, sim: Simulator, caplog: pytes
     assert line["upstream_request_id"].startswith("req_")
     assert line["level"] == "info" and line["ts"].endswith("Z")
     assert "secret" not in caplog.text
+
+
+def test_money_is_kept_in_whole_nano_dollars_and_shown_without_float_noise() -> None:
+    metrics = Metrics(known_models={"o3"}, registry=CollectorRegistry(), clients=("web",), flex_models=("o3",),
+                      process=False)  # fmt: skip
+    floats = 0.0
+    for _ in range(20):
+        metrics.cost.add(100_000, "o3", "web", "flex")  # $0.0001 each
+        floats += 0.0001
+    assert floats != 0.002  # what a float counter would have shown
+    text = generate_latest(metrics.registry).decode()
+    assert '\nflexproxy_cost_usd_total{client="web",model="o3",tier="flex"} 0.002\n' in text
+    assert "# TYPE flexproxy_cost_usd_total counter\n" in text
+    # Pre-created at 0 for the flex families and named clients, as before: saved, lost, cost by flex and standard.
+    for line in (
+        'flexproxy_cost_usd_total{client="web",model="o3",tier="standard"} 0.0',
+        'flexproxy_cost_saved_usd_total{client="web",model="o3"} 0.0',
+        'flexproxy_savings_lost_usd_total{client="web",model="o3"} 0.0',
+    ):
+        assert "\n" + line + "\n" in text, line
+    assert "flexproxy_shadow_savings_usd_total{" not in text  # created by its first answer only, as before
+    metrics.shadow_saved.add(1, "o3", "web")
+    shown = generate_latest(metrics.registry).decode()
+    assert 'flexproxy_shadow_savings_usd_total{client="web",model="o3"} 1e-09' in shown
+    assert (metrics.cost.total(), metrics.shadow_saved.total()) == (2_000_000, 1)
+
+
+def test_a_request_through_the_proxy_shows_exact_money(proxy: ProxyServer, sim: Simulator) -> None:
+    # 1,234 input and 567 output tokens of o3 on flex: $0.001234 + $0.002268 = $0.003502 exactly.
+    for _ in range(3):
+        sim.script(Reply(usage={"input": 1_234, "output": 567}))
+        ask(proxy, "chat", stream=False)
+    text = proxy.metrics()
+    assert '\nflexproxy_cost_usd_total{client="default",model="o3",tier="flex"} 0.010506\n' in text
+    assert '\nflexproxy_cost_saved_usd_total{client="default",model="o3"} 0.010506\n' in text
