@@ -37,7 +37,7 @@ def raw_stream(proxy: ProxyServer, path: str, body: dict[str, Any]) -> bytes:
     ],
     ids=["chat", "chat-with-usage", "responses"],
 )  # fmt: skip
-def test_a_priced_stream_ends_with_its_cost(proxy: ProxyServer, sim: Simulator, path: str, body: dict[str, Any]) -> None:
+def test_a_priced_stream_ends_with_its_cost(proxy: ProxyServer, sim: Simulator, path: str, body: dict[str, Any]) -> None:  # noqa: E501
     sim.script(Reply(usage=USAGE))
     data = raw_stream(proxy, path, body)
     found = COMMENT.search(data)
