@@ -115,7 +115,8 @@ class AdminAccess:
         return hmac.compare_digest(signature.encode(), self._sign(int(expires)).encode())
 
     async def api(self, request: Request, bearer: Bearer, session: SessionCookie) -> None:
-        """Dependency of the JSON endpoints: 401 or 403 in the OpenAI error shape."""
+        """Dependency of the JSON endpoints: 401 or 403 in the OpenAI error shape. (`session` is read again from the
+        request; declared here, it puts the cookie in the OpenAPI schema's security schemes.)"""
         verdict = self.verdict(request, bearer.credentials if bearer is not None else None)
         if verdict is Verdict.NO_KEY:
             raise AdminKeyNotSet(NO_KEY)

@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         lifespan="on",
         backlog=BACKLOG,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-        proxy_headers=False,  # the client address is not used, so X-Forwarded-* need not be parsed
+        proxy_headers=False,  # the peer address decides who may use the control plane: no header may stand in for it
         server_header=False,
         date_header=False,
     )
