@@ -16,7 +16,7 @@ from proxy.sim import Reply, Simulator
 
 # The proxy's own flex retries run out after two 429s, then it falls back; no gate, so the script is the whole story.
 SETTINGS: dict[str, Any] = {
-    "api_key": "sk-proxy-upstream", "client_keys": "web=ck-web-123,batch=ck-batch-456", "flex_gate": False,
+    "api_key": "sk-proxy-upstream", "client_keys": "web ck-web-123,batch ck-batch-456", "flex_gate": False,
     "max_flex_attempts": 2,
 }  # fmt: skip
 MESSAGES = [{"role": "user", "content": "hi"}]
