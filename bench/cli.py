@@ -1,4 +1,5 @@
-"""`python -m bench [--quick]`: run every scenario, write raw JSON to bench/results/ and the Markdown report."""
+"""`python -m bench [--quick] [--only SCENARIO] [--workload NAME]`: run the scenarios, write raw JSON to
+bench/results/ and the Markdown report."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import bodies, held, machine, nginx, overhead, report, scarce, streams, wrk
-from .plan import Plan
+from . import bodies, fleet, held, machine, nginx, overhead, redis_server, report, scarce, streams, wrk
+from .plan import WORKLOAD_NAMES, Plan
 from .procs import REPO
 
 Scenario = Callable[[Plan, Path, Path], dict[str, Any]]
@@ -22,6 +24,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bodies": bodies.run,
     "streams": streams.run,
     "scarce": scarce.run,
+    "fleet": fleet.run,
 }
 
 
@@ -37,13 +40,16 @@ def _parser() -> argparse.ArgumentParser:
         "--docs",
         type=Path,
         default=None,
-        help="Markdown report to write (default: docs/benchmarks.md, none with --quick)",
+        help="Markdown report to write (default: docs/benchmarks.md; none with --quick, --only or --workload)",
     )
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="measure nothing: write the report (--docs, default docs/benchmarks.md) from a saved "
                         "run's results.json, with the verdicts worked out again")  # fmt: skip
-    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS),
-                        help="run only this scenario (repeatable; for working on one)")  # fmt: skip
+    parser.add_argument("--only", action="append", choices=list(SCENARIOS),
+                        help="run only this scenario (repeatable; for working on one): scarce is the flex "
+                        "workloads with one proxy, fleet the same with several and Redis")  # fmt: skip
+    parser.add_argument("--workload", action="append", choices=WORKLOAD_NAMES,
+                        help="in scarce and fleet, run only this workload (repeatable)")  # fmt: skip
     return parser
 
 
@@ -52,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.render is not None:
         return _render(args.render, args.docs or REPO / "docs" / "benchmarks.md")
+    chosen = [name for name in SCENARIOS if not args.only or name in args.only]
     nginx.binary(), wrk.binary()  # fail now, naming the packages, rather than after minutes
+    if "fleet" in chosen:
+        redis_server.binary()
     plan = Plan.quick_check() if args.quick else Plan.full()
-    docs = args.docs if args.docs is not None else (None if args.quick else REPO / "docs" / "benchmarks.md")
+    if args.workload:
+        plan = replace(plan, only_workloads=tuple(args.workload))
+    # A quick or partial run writes no report unless asked: it would replace the full run's.
+    kind = "quick" if args.quick else "partial" if args.only or args.workload else "full"
+    docs = args.docs if args.docs is not None else (REPO / "docs" / "benchmarks.md" if kind == "full" else None)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    work = args.results / f"{stamp}-{'quick' if args.quick else 'full'}"
+    work = args.results / f"{stamp}-{kind}"
     log_dir = work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -67,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {},
     }
     began = time.monotonic()
-    for name, scenario in SCENARIOS.items():
-        if args.only and name not in args.only:
-            continue
+    for name in chosen:
+        scenario = SCENARIOS[name]
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         results[name] = scenario(plan, work, log_dir)
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     results["verdicts"] = report.verdicts(results)
     raw = json.dumps(results, indent=2)
     (work / "results.json").write_text(raw)
-    (args.results / f"latest-{'quick' if args.quick else 'full'}.json").write_text(raw)
+    (args.results / f"latest-{kind}.json").write_text(raw)
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         docs.write_text(report.render(results))
