@@ -429,3 +429,15 @@ def test_only_and_workload_choose_a_family_or_one_workload() -> None:
     assert (args.only, args.workload) == (["scarce", "fleet"], ["long-busy"])
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["--workload", "no-such-workload"])
+
+
+@pytest.mark.parametrize(
+    ("text", "sizes"), [("1,4,8", (1, 4, 8)), ("8,1,8", (1, 8)), ("32", (32,)), ("0,2", None), ("33", None),
+                        ("", None), ("two", None), ("1.5", None)],
+)  # fmt: skip
+def test_fleet_sizes_are_whole_counts_within_bounds(text: str, sizes: tuple[int, ...] | None) -> None:
+    if sizes is None:
+        with pytest.raises(SystemExit):
+            cli._parser().parse_args(["--fleet-sizes", text])
+    else:
+        assert cli._parser().parse_args(["--fleet-sizes", text]).fleet_sizes == sizes
