@@ -1,4 +1,5 @@
-"""`python -m bench [--quick]`: run every scenario, write raw JSON to bench/results/ and the Markdown report."""
+"""`python -m bench [--quick] [--only SCENARIO] [--workload NAME]`: run the scenarios, write raw JSON to
+bench/results/ and the Markdown report."""
 
 from __future__ import annotations
 
@@ -7,21 +8,24 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import bodies, held, machine, nginx, overhead, report, scarce, streams, wrk
-from .plan import Plan
+from . import bodies, fleet, held, machine, nginx, overhead, redis_server, report, scarce, streams, wrk
+from .plan import WORKLOAD_NAMES, Plan
 from .procs import REPO
 
 Scenario = Callable[[Plan, Path, Path], dict[str, Any]]
+MAX_FLEET = 32  # proxy processes on one machine; each is a Python process of ~60 MB
 SCENARIOS: dict[str, Scenario] = {
     "overhead": overhead.run,
     "held": held.run,
     "bodies": bodies.run,
     "streams": streams.run,
     "scarce": scarce.run,
+    "fleet": fleet.run,
 }
 
 
@@ -37,14 +41,31 @@ def _parser() -> argparse.ArgumentParser:
         "--docs",
         type=Path,
         default=None,
-        help="Markdown report to write (default: docs/benchmarks.md, none with --quick)",
+        help="Markdown report to write (default: docs/benchmarks.md; none with --quick, --only or --workload)",
     )
     parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                         help="measure nothing: write the report (--docs, default docs/benchmarks.md) from a saved "
                         "run's results.json, with the verdicts worked out again")  # fmt: skip
-    parser.add_argument("--only", action="append", choices=sorted(SCENARIOS),
-                        help="run only this scenario (repeatable; for working on one)")  # fmt: skip
+    parser.add_argument("--only", action="append", choices=list(SCENARIOS),
+                        help="run only this scenario (repeatable; for working on one): scarce is the flex "
+                        "workloads with one proxy, fleet the same with several and Redis")  # fmt: skip
+    parser.add_argument("--workload", action="append", choices=WORKLOAD_NAMES,
+                        help="in scarce and fleet, run only this workload (repeatable)")  # fmt: skip
+    parser.add_argument("--fleet-sizes", type=_sizes, default=None, metavar="N,N,...",
+                        help="the fleet's proxy counts instead of the plan's (1,4,8; quick 1,2); the target is "
+                        "judged on the largest against 1, so include 1")  # fmt: skip
     return parser
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """`1,3,6` as (1, 3, 6): distinct proxy counts from 1 to 32, in order."""
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > MAX_FLEET:
+        raise argparse.ArgumentTypeError(f"proxy counts must be 1 to {MAX_FLEET}")
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.render is not None:
         return _render(args.render, args.docs or REPO / "docs" / "benchmarks.md")
+    chosen = [name for name in SCENARIOS if not args.only or name in args.only]
     nginx.binary(), wrk.binary()  # fail now, naming the packages, rather than after minutes
+    if "fleet" in chosen:
+        redis_server.binary()
     plan = Plan.quick_check() if args.quick else Plan.full()
-    docs = args.docs if args.docs is not None else (None if args.quick else REPO / "docs" / "benchmarks.md")
+    if args.workload:
+        plan = replace(plan, only_workloads=tuple(args.workload))
+    if args.fleet_sizes:
+        plan = replace(plan, fleet_sizes=args.fleet_sizes)
+    # A quick or partial run writes no report unless asked: it would replace the full run's.
+    kind = "quick" if args.quick else "partial" if args.only or args.workload or args.fleet_sizes else "full"
+    docs = args.docs if args.docs is not None else (REPO / "docs" / "benchmarks.md" if kind == "full" else None)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    work = args.results / f"{stamp}-{'quick' if args.quick else 'full'}"
+    work = args.results / f"{stamp}-{kind}"
     log_dir = work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
@@ -67,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {},
     }
     began = time.monotonic()
-    for name, scenario in SCENARIOS.items():
-        if args.only and name not in args.only:
-            continue
+    for name in chosen:
+        scenario = SCENARIOS[name]
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         results[name] = scenario(plan, work, log_dir)
@@ -79,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     results["verdicts"] = report.verdicts(results)
     raw = json.dumps(results, indent=2)
     (work / "results.json").write_text(raw)
-    (args.results / f"latest-{'quick' if args.quick else 'full'}.json").write_text(raw)
+    (args.results / f"latest-{kind}.json").write_text(raw)
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         docs.write_text(report.render(results))

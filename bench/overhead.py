@@ -55,7 +55,7 @@ def run(plan: Plan, work: Path, log_dir: Path) -> dict[str, Any]:
                         wrk.run(url, script, threads=2, connections=32, duration_s=plan.wrk_warmup_s)
                     for threads, connections in plan.wrk_connections:
                         rounds[name].setdefault(f"c{connections}", []).append(
-                            _measure(url, script, service.pid, threads, connections, plan.wrk_duration_s)
+                            measure(url, script, service.pid, threads, connections, plan.wrk_duration_s)
                         )
             pairs = _gate_pairs(plan, script, services["flex-proxy"], services[GATE_OFF])
     results = {name: {level: _mean(runs) for level, runs in levels.items()} for name, levels in rounds.items()}
@@ -79,12 +79,12 @@ def _gate_pairs(plan: Plan, script: Path, on: Any, off: Any) -> list[tuple[dict[
         figures = {}
         for service in (on, off) if i % 2 == 0 else (off, on):
             url = f"http://127.0.0.1:{service.port}{PATH}"
-            figures[service.name] = _measure(url, script, service.pid, 2, 32, plan.gate_pair_s)
+            figures[service.name] = measure(url, script, service.pid, 2, 32, plan.gate_pair_s)
         pairs.append((figures[on.name], figures[off.name]))
     return pairs
 
 
-def _measure(url: str, script: Path, pid: int, threads: int, connections: int, duration_s: float) -> dict[str, Any]:
+def measure(url: str, script: Path, pid: int, threads: int, connections: int, duration_s: float) -> dict[str, Any]:
     cpu_before = procs.tree_cpu_s(pid)
     figures = wrk.run(url, script, threads=threads, connections=connections, duration_s=duration_s).as_dict()
     cpu = procs.tree_cpu_s(pid) - cpu_before

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +74,17 @@ def _kb(value: str) -> float:
 
 
 class Service:
-    """One child process with a readiness URL; `with Service(...) as svc:` starts and stops it."""
+    """One child process with a readiness URL (or check); `with Service(...) as svc:` starts and stops it."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, ready_url: str | None, *, port: int = 0,
-                 env: Mapping[str, str] | None = None, nofile: bool = True) -> None:  # fmt: skip
+                 env: Mapping[str, str] | None = None, nofile: bool = True,
+                 ready: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.name = name
         self.port = port
         self.argv = [sys.executable, "-m", "bench.nofile", "--", *argv] if nofile else argv
         self.log_path = log_dir / f"{name}.log"
         self.ready_url = ready_url
+        self.ready = ready if ready is not None else (lambda: _answers_200(ready_url)) if ready_url else None
         self.env = dict(env) if env is not None else clean_env()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -92,34 +94,46 @@ class Service:
         return self.proc.pid
 
     def start(self) -> Service:
+        self.spawn()
+        self.wait_ready()
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to be ready."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
             )
-        if self.ready_url is not None:
-            self._wait_ready(self.ready_url)
-        return self
 
-    def _wait_ready(self, url: str) -> None:
+    def wait_ready(self) -> None:
+        if self.ready is None:
+            return
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
-            with contextlib.suppress(OSError, urllib.error.URLError), urllib.request.urlopen(url, timeout=1) as answer:
-                if answer.status == 200:
-                    return
+            if self.ready():
+                return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"{self.name} was not ready at {url} within {START_TIMEOUT_S}s: {self.tail()}")
+        raise RuntimeError(f"{self.name} was not ready within {START_TIMEOUT_S}s: {self.tail()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Signal our own child by pid, wait, and kill it if it does not go."""
+        self.signal(sig)
+        self.wait_stopped()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait_stopped(self) -> None:
+        """Wait for a signalled child to go; kill it if it does not within STOP_TIMEOUT_S."""
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(sig)
         try:
             proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -139,8 +153,15 @@ class Service:
         self.stop()
 
 
+def _answers_200(url: str) -> bool:
+    with contextlib.suppress(OSError, urllib.error.URLError), urllib.request.urlopen(url, timeout=1) as answer:
+        return bool(answer.status == 200)
+    return False
+
+
 def proxy(log_dir: Path, upstream: str, name: str = "flex-proxy", **settings: object) -> Service:
-    """flex-proxy on a free port in front of `upstream` (a base URL ending in /v1); `settings` as flags."""
+    """flex-proxy on a free port in front of `upstream` (a base URL ending in /v1); `settings` as flags. Settings
+    read from the environment only (such as the shared state's URL) go in the service's `env` before it starts."""
     port = free_port()
     argv = [*flex_proxy_command(), "--host", "127.0.0.1", "--port", str(port), "--upstream-base-url", upstream]
     settings.setdefault("log_level", "warning")
@@ -170,3 +191,22 @@ def running(*services: Service) -> Iterator[None]:
     finally:
         for service in reversed(started):
             service.stop()
+
+
+@contextlib.contextmanager
+def running_together(services: Sequence[Service]) -> Iterator[None]:
+    """Start the services all at once (a fleet of proxies starts in the time of one), wait until each is
+    ready, and stop them all, whatever happens in between."""
+    spawned: list[Service] = []
+    try:
+        for service in services:
+            service.spawn()
+            spawned.append(service)
+        for service in services:
+            service.wait_ready()
+        yield
+    finally:
+        for service in spawned:  # all drain at once
+            service.signal()
+        for service in spawned:
+            service.wait_stopped()

@@ -5,14 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import flexreport
 from .overhead import GATE_OFF
-from .scarce import DEFAULT_ROW, GATE_OFF_ROW
 
 HELD_TARGET = 8000
-# Issue 9's targets for the scarce-flex workload, met by the row measured at the proxy's defaults.
-SCARCE_FLEX_SHARE = 0.99
-SCARCE_ATTEMPTS = 1.2
-SCARCE_P95_S = 4.0
 # The overhead scenario's figure before the gate (docs/benchmarks.md at that commit), for comparison only.
 BEFORE_GATE_RPS = 3568
 BEFORE_GATE_COMMIT = "8106ce7"
@@ -53,18 +49,10 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
         added = streams["added"]["gap_mean_ms"]
         rows.append({"target": "≤ 1 ms added per streamed event (mean inter-event delay)",
                      "measured": f"{added:.3f} ms", "value": added, "met": added <= 1.0})  # fmt: skip
-    scarce = results.get("scarce")
-    if scarce:
-        for x in scarce["rows"].values():
-            if x["label"] != DEFAULT_ROW:
-                continue
-            rows.append({
-                "target": f"scarce flex, gate at defaults, SDK timeout {x['timeout_s']:g} s: all answered, ≥ 99% on "
-                "flex, ≤ 1.2 upstream attempts/request, p95 ≤ 4.0 s",
-                "measured": f"{x['answered']} of {x['requests']} answered, {x['flex_share']:.1%} on flex, "
-                f"{x['attempts_per_request']:.2f} attempts, p95 {x['p95_s']:.2f} s",
-                "value": x["p95_s"], "met": meets_scarce(x),
-            })  # fmt: skip
+    if results.get("scarce"):
+        rows += flexreport.scarce_verdicts(results["scarce"])
+    if results.get("fleet"):
+        rows += flexreport.fleet_verdicts(results["fleet"])
     return rows
 
 
@@ -79,16 +67,6 @@ def gate_verdict(overhead: dict[str, Any]) -> tuple[str, bool]:
     text = (f"open path {overhead['gate_open_path_ns'] / 1000:.2f} µs = {share:.2%} of the proxy's CPU a request; "
             f"paired wrk runs x{centre:.3f} ± {spread:.3f} (mean ± 2 SE of {runs})")  # fmt: skip
     return text, share < 0.03 and not centre + spread < 0.97
-
-
-def meets_scarce(row: dict[str, Any]) -> bool:
-    """Issue 9's targets: every request answered, ≥ 99% on flex, ≤ 1.2 upstream attempts, p95 ≤ 4.0 s."""
-    return (
-        row["failures"] == 0
-        and row["flex_share"] >= SCARCE_FLEX_SHARE
-        and row["attempts_per_request"] <= SCARCE_ATTEMPTS
-        and row["p95_s"] <= SCARCE_P95_S
-    )
 
 
 def _duration(results: dict[str, Any]) -> str:
@@ -142,6 +120,7 @@ def render(results: dict[str, Any]) -> str:
         f"| open files (hard limit) | {m['nofile_hard_limit']:,} |",
         f"| nginx | {m['nginx']} (worker_processes 1) |",
         f"| wrk | {m['wrk']} |",
+        *([f"| redis-server | {results['fleet']['redis_version']} |"] if "fleet" in results else []),
         "| packages | " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()) + " |",
         "",
         "## Command",
@@ -150,8 +129,10 @@ def render(results: dict[str, Any]) -> str:
         results["command"],
         "```",
         "",
-        "It needs `nginx` and `wrk` on the PATH or in /usr/sbin, /usr/bin (Debian/Ubuntu: "
-        "`apt-get install nginx-light wrk`). `--quick` runs every scenario small (the test suite uses it).",
+        "It needs `nginx` and `wrk` on the PATH or in /usr/sbin, /usr/bin, and `redis-server` for the fleet "
+        "(Debian/Ubuntu: `apt-get install nginx-light wrk redis-server`). `--quick` runs every scenario small (the "
+        "test suite uses it); `--only SCENARIO` runs one scenario (`scarce`: the flex workloads with one proxy; "
+        "`fleet`: several proxies with and without Redis) and `--workload NAME` one workload of those.",
         "",
         "## Targets",
         "",
@@ -162,7 +143,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {row['target']} | {row['measured']} | {'met' if row['met'] else '**not met**'} |")
     lines.append("")
     for name, section in (("overhead", _overhead), ("held", _held), ("bodies", _bodies), ("streams", _streams),
-                          ("scarce", _scarce)):  # fmt: skip
+                          ("scarce", _scarce), ("fleet", _fleet)):  # fmt: skip
         if name in results:
             lines += section(results[name], results["plan"])
     lines += _nofile()
@@ -323,74 +304,11 @@ def _streams(r: dict[str, Any], plan: dict[str, Any]) -> list[str]:
 
 
 def _scarce(r: dict[str, Any], plan: dict[str, Any]) -> list[str]:
-    lines = [
-        "## 5. Scarce flex: the flex gate",
-        "",
-        f"The workload of issue 9. The simulator refuses flex (a flex-capacity 429) for the first "
-        f"{r['busy_for_s']:g} s of every {r['busy_period_s']:g} s, counted from a `POST /_sim/reset` sent right "
-        f"before the first request (`/_sim/options` `busy_period_s={r['busy_period_s']:g}`, "
-        f"`busy_for_s={r['busy_for_s']:g}`); it answers standard in {r['latency_standard_s']:g} s and flex in "
-        f"{r['latency_flex_s']:g} s (`--latency-standard {r['latency_standard_s']:g} --latency-flex "
-        f"{r['latency_flex_s']:g} --flex-busy 0`). {r['requests']:,} o3 chat requests arrive open-loop at "
-        f"{r['rate_per_s']:g} a second (one started every {1 / r['rate_per_s']:g} s, whatever the answers do), "
-        f"through the official SDK ({r['sdk']}, `AsyncOpenAI`) with a user's defaults: `max_retries` left at 2, "
-        f"`timeout` {' and '.join(f'{t:g} s' for t in r['timeouts_s'])} (the SDK sends it as "
-        "`x-stainless-read-timeout`, which the proxy reads as the client's deadline). The proxy runs at its "
-        "defaults: only the upstream URL and the port are set, so the strategy is `backoff-then-standard`; "
-        '"gate off" adds `FLEX_PROXY_FLEX_GATE=false`. Every row has a fresh simulator and proxy, so the '
-        "proxy has learned nothing (its standard reserve is the configured value until it sees a standard answer).",
-        "",
-        "Latency is as the client saw it (SDK call to parsed answer, its own retries included). Upstream attempts "
-        "per request are the simulator's model requests over the requests sent. Cost prices each answer's "
-        "`usage` as o3 (standard $2 input, $0.50 cached, $8 output per 1M tokens; flex half) at its served "
-        "tier; savings are against the same answers all on standard. **Perfect knowledge** is computed, not "
-        "measured: each request sent at the first moment flex is free at or after its arrival, so its latency is "
-        f"that wait plus the flex latency, at 1.00 attempt, all on flex: the physical limit "
-        f"({r['perfect']['waited']} of the {r['requests']} arrivals fall in a busy part and wait).",
-        "",
-        "| row | SDK timeout | answered | on flex | upstream attempts / request | p50 s | p95 s | max s | cost USD "
-        "| saved vs all-standard | gate probes ok / busy | targets |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for x in r["rows"].values():
-        probes = x["proxy_metrics"]["gate_probes"]
-        gate = f"{probes.get('ok', 0)} / {probes.get('busy', 0)}" if x["label"] != GATE_OFF_ROW else "n/a"
-        lines.append(_scarce_row(x["label"], f"{x['timeout_s']:g} s", x, gate,
-                                 "met" if meets_scarce(x) else "**not met**"))  # fmt: skip
-    for x in [r["perfect"], *r["perfect_sensitivity"]]:
-        label = "perfect knowledge (computed)" + ("" if x is r["perfect"] else f", flex in {x['latency_flex_s']:g} s")
-        lines.append(_scarce_row(label, "any", x, "n/a", ""))
-    failures = {x["label"] + f" {x['timeout_s']:g} s": x["failure_kinds"] for x in r["rows"].values() if x["failures"]}
-    lines += [
-        "",
-        "Targets (issue 9, for the gate at the defaults at every timeout): every request answered, ≥ 99% on flex, "
-        "≤ 1.2 upstream attempts per request, p95 ≤ 4.0 s. They are judged on the rows at the workload's own "
-        "latencies; the other rows are shown against them for comparison. A run meets three busy parts, and a "
-        "busy gate reopens at the first probe after each ends (probes are jittered), so p95 varies from run to run "
-        'by a few tenths of a second. Rows labelled "tuned" change only the settings they name.',
-        "",
-    ]
-    if r["perfect_sensitivity"]:
-        lines += [
-            '**Sensitivity to flex latency.** The rows "flex answering in ..." repeat the workload with slower '
-            "flex answers (the simulator's own default is 0.6 s). A busy gate opens when a probe's *answer* comes "
-            "back, and the requests it then releases need a flex answer of their own, so a request that waited "
-            "pays about two flex latencies after flex frees up, plus the wait for the next probe (up to "
-            "`FLEX_PROXY_GATE_PROBE_MAX_S`); the perfect-knowledge row pays one.",
-            "",
-        ]
-    if failures:
-        lines += ["Failures by kind: " + "; ".join(f"{k}: {v}" for k, v in failures.items()) + ".", ""]
-    return lines
+    return flexreport.render_scarce(r)
 
 
-def _scarce_row(label: str, timeout: str, x: dict[str, Any], gate: str, verdict: str) -> str:
-    saved = 1 - x["cost_ratio"] if x["all_standard_usd"] else math.nan
-    return (
-        f"| {label} | {timeout} | {x['answered']} of {x['requests']} | {x['flex_share']:.1%} | "
-        f"{x['attempts_per_request']:.2f} | {_f(x['p50_s'])} | {_f(x['p95_s'])} | {_f(x['max_s'])} | "
-        f"{x['cost_usd']:.4f} | {saved:.1%} | {gate} | {verdict} |"
-    )
+def _fleet(r: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    return flexreport.render_fleet(r)
 
 
 def _nofile() -> list[str]:
