@@ -83,6 +83,10 @@ class GateState:
     in_flight: int = 0
     refusals: deque[float] = field(default_factory=lambda: deque(maxlen=16))  # recent times to a flex 429
     transitions: list[State] = field(default_factory=list)  # for the caller to report, then clear
+    # In a fleet (shared state), a probe needs the fleet's lease: one probe per gate at a time across processes.
+    needs_lease: bool = False
+    leased: bool = False  # the lease is held for the next probe (good for one)
+    lease_wanted: bool = False  # a probe is due and waits for the lease: for the caller to ask, then clear
 
     def __post_init__(self) -> None:
         self.spells = deque(self.spells, maxlen=max(1, self.config.spells_kept))
@@ -149,6 +153,15 @@ class GateState:
         self.failed_probes = 0
         self._schedule_probe(now, retry_after, rand)
 
+    def probe_refused_elsewhere(self, now: float, next_in: float, failed: int) -> None:
+        """Another process's probe was refused: busy (if this process missed it), its backoff taken over, and no
+        probe here before the next one is due."""
+        if self.state is State.OPEN:
+            self._move(State.BUSY)
+            self.busy_since = now
+        self.failed_probes = max(self.failed_probes, min(max(failed, 0), 1 << 30))
+        self.next_probe_at = max(self.next_probe_at, now + self._capped(next_in))
+
     def opened(self, now: float, spell_end: float | None = None) -> None:
         """Flex has capacity again: open, and start the ramp. `spell_end` is when the busy spell was last seen
         to be over (the send time of the probe that got through), remembered to pace the next spell's probes."""
@@ -185,6 +198,10 @@ class GateState:
             if self.verdict is None and self.queue and room > 0:
                 if now < self.next_probe_at:
                     return released, self.next_probe_at
+                if self.needs_lease and not self.leased:
+                    self.lease_wanted = True  # the caller asks the fleet, and looks again with its answer
+                    return released, None
+                self.leased = False
                 # The probe is a real request: the one that has waited longest.
                 waiter = self.queue.pop(0)
                 waiter.probe = True
@@ -273,7 +290,11 @@ class Reporter:
         """After any change: `moves` are the state transitions since the last call (often none)."""
 
     def probed(self, gate: FlexGate, result: Result) -> None:
-        """A probe came back with `result`."""
+        """A probe came back with `result` (the gate's state already says what it made of it)."""
+
+    def lease(self, gate: FlexGate) -> None:
+        """A probe is due and the gate needs the fleet's lease for it: set `gate.core.leased` (or move
+        `next_probe_at`) and `gate.pump()` once the fleet has answered."""
 
 
 class FlexGate:
@@ -286,6 +307,7 @@ class FlexGate:
         self._reporter = reporter
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self.remote = False  # true while applying what another process saw (so it is not told back)
 
     def try_pass(self) -> Pass | None:
         """The open path, no await: a pass now, or None when the request must wait."""
@@ -337,10 +359,25 @@ class FlexGate:
         latency: float | None,
     ) -> None:
         core = self.core
-        if waiter is not None and core.verdict is waiter:
-            self._reporter.probed(self, result)
+        verdict = waiter is not None and core.verdict is waiter
         core.record(result, waiter, now=now, retry_after=retry_after, rand=rand, latency=latency)
+        if verdict:
+            self._reporter.probed(self, result)
         self._report()
+        self._pump()
+
+    def apply(self, change: Callable[[GateState, float], None]) -> None:
+        """Apply what another process saw (`change(core, now)`); reported as any change, but as remote."""
+        self.remote = True
+        try:
+            change(self.core, self._clock())
+            self._report()
+        finally:
+            self.remote = False
+        self._pump()
+
+    def pump(self) -> None:
+        """Let through whoever may go now (after the fleet answered a lease request, say)."""
         self._pump()
 
     def done(self, waiter: Waiter | None) -> None:
@@ -363,6 +400,9 @@ class FlexGate:
 
     def _pump(self) -> None:
         released, wake_at = self.core.due(self._clock())
+        if self.core.lease_wanted:
+            self.core.lease_wanted = False
+            self._reporter.lease(self)
         for waiter in released:
             _settle(waiter.payload)
             if waiter.probe:
@@ -377,8 +417,8 @@ class FlexGate:
 
     def _accept(self, waiter: Waiter) -> None:
         if self.core.accept(waiter, self._clock()):
-            self._reporter.probed(self, Result.OK)
             self._report()
+            self._reporter.probed(self, Result.OK)
             self._pump()
 
     def _wake(self) -> None:

@@ -61,6 +61,28 @@ def test_probe_schedule(failed: int, rand: float, retry_after: float | None, del
     assert gate.next_probe_at == pytest.approx(delay)
 
 
+def test_in_a_fleet_a_due_probe_waits_for_the_lease_and_a_lease_is_good_for_one() -> None:
+    gate = busy_gate()
+    gate.needs_lease = True
+    a, b = Waiter(arrived=1.0), Waiter(arrived=2.0)
+    gate.enqueue(a)
+    gate.enqueue(b)
+    assert gate.due(0.1) == ([], pytest.approx(0.25))  # not due yet: no lease asked for
+    assert gate.due(1.0) == ([], None) and gate.lease_wanted  # due: the caller asks the fleet
+    gate.lease_wanted, gate.leased = False, True
+    assert gate.due(1.0)[0] == [a] and not gate.leased
+    gate.record(Result.BUSY, a, now=1.1, retry_after=None, rand=1.0)
+    assert gate.due(5.0) == ([], None) and gate.lease_wanted  # the next probe needs the lease again
+
+
+def test_a_probe_refused_elsewhere_makes_the_gate_busy_and_holds_its_probes_back() -> None:
+    gate = GateState(CONFIG)
+    gate.probe_refused_elsewhere(10.0, 0.8, 3)
+    assert gate.state is State.BUSY and gate.failed_probes == 3 and gate.next_probe_at == pytest.approx(10.8)
+    gate.probe_refused_elsewhere(10.5, float("nan"), 10**12)  # hostile figures from another process
+    assert gate.failed_probes == 1 << 30 and gate.next_probe_at == pytest.approx(70.5)  # retry-after's cap
+
+
 @pytest.mark.parametrize("failed", [1_024, 1_025, 1_026, 5_000, 10**9])
 def test_a_busy_spell_of_any_length_keeps_a_finite_probe_schedule(failed: int) -> None:
     """2.0 ** (failed - 1) overflows past 1,024 failed probes: the interval stops doubling long before."""
