@@ -9,7 +9,7 @@ from .ledger import DailyLedger, Tally
 from .logs import AccessLog
 from .metrics import Metrics, tier_label
 from .pricing import Costing, PriceTable, Usage, nano_usd, price, shadow_savings
-from .spend import DailySpend
+from .spend import DailySpend, SpendTab
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Record:
     usage: Usage | None = None
     cost_usd: float | None = None
     saved_usd: float | None = None
+    spend: SpendTab | None = None  # the client's cap: holds taken before standard sends, settled once here
 
     def flex_headers(self, served: bool = True) -> list[tuple[bytes, bytes]]:
         """The response headers that tell the client what the proxy did; `served` False leaves out the served
@@ -145,21 +146,27 @@ def account(
     metrics.requests.labels(rec.endpoint, model, rec.client, requested, served, rec.outcome).inc()
     metrics.duration.labels(rec.endpoint, rec.outcome).observe(duration)
     money = None
+    standard_usd = 0.0
     if rec.usage is not None and rec.model is not None:
         costing = price_record(rec, prices)
         if costing is not None:
             money = nano_usd(costing.cost_usd), nano_usd(costing.saved_usd), nano_usd(costing.lost_usd)
         metrics.account(model, rec.client, served, rec.usage, money)
-        if costing is not None and spend is not None and served != "flex":
-            spend.add(rec.client, float(costing.cost_usd))
+        if costing is not None and served != "flex":
+            standard_usd = float(costing.cost_usd)
         if rec.shadow_eligible:
             model_price = prices.resolve(rec.model)
             if model_price is not None:
                 saving = shadow_savings(model_price, rec.usage, rec.served_tier)
                 metrics.shadow_saved.add(nano_usd(saving), model, rec.client)
+    if rec.spend is not None:
+        rec.spend.settle(standard_usd)  # gives its holds back even when nothing was priced
+    elif spend is not None and standard_usd:
+        spend.add(rec.client, standard_usd, model)
     if rec.unread:
         metrics.unread.labels(rec.endpoint, model, requested).inc(rec.unread)
     if ledger is not None and rec.endpoint != "other":
         ledger.add(day, rec.client, model, tally_of(rec, served, money))
     if access_log.enabled:
         access_log.write(rec.fields(duration))
+

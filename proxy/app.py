@@ -16,6 +16,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import Authorizer
 from .config import Settings
 from .control import control_app
+from .fleet_ledger import FleetLedger
+from .fleet_spend import FleetSpend
 from .gate import GateConfig, Gates
 from .ledger import Ledger
 from .logs import AccessLog
@@ -26,6 +28,8 @@ from .pricing import PriceTable
 from .reporting import GateMetrics
 from .routes import ProxyApp
 from .services import Services
+from .shared import SharedState
+from .spend import DailySpend
 from .upstream import Keepalive, Upstream
 
 LAG_INTERVAL_S = 0.5
@@ -72,6 +76,17 @@ def create_app(
         )
         gates = Gates(config, clock, GateMetrics(metrics))
     observed = Observed(settings.standard_reserve_s, settings.standard_reserve_min_s, settings.standard_reserve_max_s)
+    shared: SharedState | None = None
+    fleet_spend: FleetSpend | None = None
+    fleet_ledger: FleetLedger | None = None
+    if settings.state_url is not None:
+        shared = SharedState(
+            settings.state_url.get_secret_value(),
+            prefix=settings.state_prefix,
+            timeout_s=settings.state_timeout_s,
+            on_health=lambda up: metrics.shared_state_up.set(1 if up else 0),
+        )
+        fleet_spend, fleet_ledger = FleetSpend(shared, wall), FleetLedger(Ledger(wall()), shared)
     services = Services(
         settings=settings,
         upstream=upstream,
@@ -82,7 +97,9 @@ def create_app(
         policies=policies,
         gates=gates,
         observed=observed,
-        ledger=Ledger(wall()),
+        spend=fleet_spend or DailySpend(wall),
+        ledger=fleet_ledger or Ledger(wall()),
+        shared=shared,
         clock=clock,
         wall=wall,
         sleep=sleep,
@@ -93,6 +110,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await upstream.start()
         sampler = asyncio.get_running_loop().create_task(sample_loop_lag(metrics.loop_lag))
+        if shared is not None and fleet_spend is not None and fleet_ledger is not None:
+            await shared.start()  # local mode when Redis does not answer: start-up waits one timeout at most
+            await fleet_spend.start()
+            await fleet_ledger.start()
         try:
             yield
         finally:
@@ -100,6 +121,10 @@ def create_app(
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
+            if shared is not None and fleet_spend is not None and fleet_ledger is not None:
+                await fleet_spend.close()  # what waits to be written goes now, bounded by the timeout
+                await fleet_ledger.close()
+                await shared.close()
             await upstream.close()
 
     return FlexProxy(ProxyApp(services), control_app(services, lifespan), services)

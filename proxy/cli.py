@@ -22,7 +22,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
-from .config import Settings
+from .config import Settings, where
 from .logs import LOGGER, configure, text_value
 from .policies import PolicyFileError, check_file
 from .pricing import PriceTable
@@ -244,6 +244,7 @@ def started_fields(settings: Settings, listening: Sequence[socket.socket], price
         "keys": key_mode(settings),
         "flex_patterns": len(settings.flex_models),
         "prices": prices,
+        "shared_state": where(settings.state_url.get_secret_value()) if settings.state_url else "off",
     }
 
 

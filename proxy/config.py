@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +67,21 @@ def parse_client_key(entry: str, where: str) -> ClientKey:
             "digit (the entry is not shown)"
         )
     return ClientKey(parts[0], SecretStr(parts[1]), where)
+
+
+def where(url: str) -> str:
+    """host:port/db of a Redis URL, for logs and the status page: never the user or the password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return "unix:" + parts.path
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    db = parts.path.strip("/") or "0"
+    return f"{parts.scheme}://{host}:{port}/{db}"
 
 
 def is_loopback(host: str) -> bool:
@@ -181,6 +197,14 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json; json makes every line JSON")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    state_url: SecretStr | None = Field(
+        None, description="redis:// or rediss:// URL of the state a fleet shares (password and database in it); "
+        "unset: each process keeps its own (environment only)",
+    )
+    state_prefix: str = Field("flexproxy:", description="prefix of every key and channel in the shared state")
+    state_timeout_s: float = Field(
+        0.25, gt=0, le=10, description="longest wait for the shared state; slower counts as down (local mode)"
+    )
     _client_keys: tuple[ClientKey, ...] = PrivateAttr(default=())
 
     @field_validator("flex_models", "client_keys", mode="before")
@@ -188,7 +212,7 @@ class Settings(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return _split(value)
 
-    @field_validator("api_key", "admin_key", mode="before")
+    @field_validator("api_key", "admin_key", "state_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -200,6 +224,29 @@ class Settings(BaseSettings):
     def _printable_keys(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not _is_token(value.get_secret_value()):
             raise ValueError("a key may not contain spaces or control characters (the value is not shown)")
+        return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never repeats the URL: it may hold a password.
+        if value is None:
+            return value
+        url = value.get_secret_value()
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix:// (the value is not shown)")
+        try:
+            urlsplit(url).port  # noqa: B018  # parsed for its check: a port that is no number raises
+        except ValueError:
+            raise ValueError("has a port that is not a number from 0 to 65535 (the value is not shown)") from None
+        return value
+
+    @field_validator("state_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        # Braces would change the hash tags that keep each script's keys in one Redis Cluster slot.
+        if not re.fullmatch(r"[A-Za-z0-9_.:/-]{0,64}", value):
+            raise ValueError("may hold at most 64 letters, digits and _ . : / - (no braces or spaces)")
         return value
 
     @field_validator("upstream_base_url")

@@ -75,11 +75,24 @@ class FamilyStatus(BaseModel):
     standard_p95_s: float | None = Field(description="95th percentile of standard time-to-answer; null: none seen")
 
 
+class SharedStateStatus(BaseModel):
+    mode: Literal["off", "shared", "local"] = Field(
+        description="off: FLEX_PROXY_STATE_URL unset; shared: Redis answers; local: it does not, this process "
+        "serves on its own state until it does"
+    )
+    since: float | None = Field(description="Unix time the mode began; null when off")
+    last_error: str | None = Field(
+        description="the last failure's kind: unreachable, timeout, auth, refused or error; null: none yet"
+    )
+    where: str | None = Field(description="scheme://host:port/db of the shared state, never its password")
+
+
 class FlexStatus(BaseModel):
     gate_enabled: bool
     gate_scope: str
     rate_window_s: float
     families: list[FamilyStatus]
+    shared_state: SharedStateStatus
 
 
 class RatesOut(BaseModel):
@@ -146,7 +159,10 @@ class ClientOut(BaseModel):
     name: str = Field(description="a client name from FLEX_PROXY_CLIENT_KEYS (never its key); default: unnamed keys")
     policy_header: bool = Field(description="may choose a policy with X-Flex-Policy")
     standard_spend_cap_usd: float | None = Field(description="per UTC day; null: no cap")
-    standard_spent_today_usd: float = Field(description="standard-tier spend this UTC day, counted by this process")
+    standard_spent_today_usd: float = Field(
+        description="standard-tier spend this UTC day: the fleet's with shared state, else this process's"
+    )
+    spend_scope: Literal["fleet", "process"] = Field(description="whose spend standard_spent_today_usd counts")
 
 
 class Policies(BaseModel):
@@ -249,7 +265,8 @@ def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = 
     @app.get("/flex/policies", response_model=Policies, dependencies=guarded, responses=ERRORS, tags=["flex"])
     async def flex_policies() -> Policies:
         """The strategy, timeouts and gate settings in force, and the named policies; never a key."""
-        return policies_of(services)
+        names = sorted(set(settings.client_names) | set(services.policies.clients))
+        return policies_of(services, {name: await services.spend.spent(name) for name in names})
 
     @app.get("/flex/savings", response_model=Savings, dependencies=guarded, responses=ERRORS, tags=["flex"])
     async def flex_savings(
@@ -315,16 +332,26 @@ def flex_status_of(services: Services) -> FlexStatus:
         )
         for name in sorted(set(observed.names()) | set(gates))
     ]
+    shared = services.shared
+    health = shared.health if shared is not None else None
     return FlexStatus(
         gate_enabled=services.gates is not None,
         gate_scope=settings.gate_scope,
         rate_window_s=RATE_WINDOW_S,
         families=families,
+        shared_state=SharedStateStatus(
+            mode=health.mode if health else "off",
+            since=health.since if health else None,
+            last_error=health.last_error if health else None,
+            where=health.where if health else None,
+        ),
     )
 
 
-def policies_of(services: Services) -> Policies:
-    s, chosen, spend = services.settings, services.policies, services.spend
+def policies_of(services: Services, spent: dict[str, float]) -> Policies:
+    """What is in force; `spent` is each client's standard spend today (read from the shared state, when set)."""
+    s, chosen = services.settings, services.policies
+    scope = "fleet" if services.shared is not None and services.shared.up else "process"
     names = sorted(set(s.client_names) | set(chosen.clients))
     return Policies(
         mode=s.mode,
@@ -348,7 +375,8 @@ def policies_of(services: Services) -> Policies:
                 name=name,
                 policy_header=chosen.client(name).policy_header,
                 standard_spend_cap_usd=chosen.client(name).standard_spend_cap_usd,
-                standard_spent_today_usd=spend.spent(name),
+                standard_spent_today_usd=spent.get(name, 0.0),
+                spend_scope=scope,
             )
             for name in names
         ],

@@ -77,7 +77,13 @@ class SpendCapReached(ClientError):
     type = "insufficient_quota"
     code = "standard_spend_cap"
 
-    def __init__(self, client: str, cap: float | None) -> None:
+    def __init__(self, client: str, cap: float | None, pending: bool = False) -> None:
+        if pending:  # below the cap, but the client's requests in flight may reach it: try again in a moment
+            super().__init__(
+                f"Client {client!r} is close to its standard-tier cap of ${cap or 0:.2f} for today (UTC), and its "
+                "requests in flight on the standard tier may reach it; try again when they are answered."
+            )
+            return
         super().__init__(
             f"Client {client!r} has spent its standard-tier cap of ${cap or 0:.2f} for today (UTC); requests that "
             "can run on flex still do, others wait for tomorrow."

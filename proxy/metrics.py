@@ -167,6 +167,10 @@ class Metrics:
         self.gate_transitions = Labelled(Counter(
             "flexproxy_gate_transitions", "Flex gate state changes.", ["model", "to"], registry=r
         ))  # fmt: skip
+        self.shared_state_up = Gauge(
+            "flexproxy_shared_state_up", "1 while the shared state (FLEX_PROXY_STATE_URL) answers; 0 in local mode "
+            "or when none is configured.", registry=r,
+        )  # fmt: skip
         self.loop_lag = Gauge(
             "flexproxy_event_loop_lag_seconds", "How late the event loop ran a timer, last measured.", registry=r
         )

@@ -31,6 +31,7 @@ from .passthrough import passthrough, query
 from .relay import deliver, retry_after_header
 from .rewrite import parse, with_usage
 from .services import Services
+from .spend import Verdict
 from .upstream import request_headers
 
 LOG = logging.getLogger("flex_proxy")
@@ -160,10 +161,9 @@ class ProxyApp:
             decision = tiers.TierDecision(client_tier if isinstance(client_tier, str) else None, False, "shadow")
             mode = "off"
         cap = services.policies.client(rec.client).standard_spend_cap_usd
-        if services.spend.over(rec.client, cap):
-            if not decision.on_flex:
-                await _refuse(out, rec, SpendCapReached(rec.client, cap), services.spend.seconds_to_midnight())
-                return
+        family = services.metrics.model_label(rec.model)  # bounded: a known family, `other` or `none`
+        rec.spend = services.spend.tab(rec.client, cap, family)
+        if decision.on_flex and services.spend.over(rec.client, cap):
             strategy = "backoff"  # past the day's standard spend: stay on flex, wait or fail, never pay standard
         rec.requested_tier = decision.tier
         rec.tier_reason = decision.reason
@@ -174,17 +174,26 @@ class ProxyApp:
         if rec.stream and rec.endpoint == "chat":
             options = body.get("stream_options")
             expect_usage = isinstance(options, dict) and options.get("include_usage") is True
-            asked = None if expect_usage or mode == "off" else with_usage(body)  # off: the body goes as it came
+            # off: the body goes as it came, except for a capped client, whose standard spend must be priced.
+            as_sent = mode == "off" and (cap is None or s.mode == "shadow")
+            asked = None if expect_usage or as_sent else with_usage(body)
             if asked is not None:
                 # Ask for usage so the answer can be priced; the extra chunk is taken out again on the way back.
                 changes["stream_options"] = asked
                 strip_usage = expect_usage = True
-        family = services.metrics.model_label(rec.model)  # bounded: a known family, `other` or `none`
         client_wait = policy.client_wait_s(
             given.get("x-stainless-read-timeout"), given.get("x-stainless-timeout"), stated
         )
         reserve = services.observed.reserve(family, rec.stream)
         limits = policy.limits_for(s, strategy, services.clock(), client_wait, reserve, chosen)
+        # The first send goes on the standard tier: the cap is checked (and the send's cost held) before it. Near the
+        # cap it waits for the client's sends in flight to be priced, while its deadline allows.
+        wait_s = limits.deadline - services.clock() - reserve
+        if not decision.on_flex and not await rec.spend.allowed(wait_s, services.clock):
+            over = rec.spend.verdict is Verdict.OVER
+            retry = services.spend.seconds_to_midnight() if over else 1
+            await _refuse(out, rec, SpendCapReached(rec.client, cap, pending=not over), retry)
+            return
         gate = None
         if services.gates is not None and decision.on_flex:
             gate = services.gates.get(_gate_key(family, authorization, s.gate_scope))

@@ -17,6 +17,7 @@ from .metrics import Metrics
 from .observed import Observed
 from .policies import PolicySet
 from .pricing import PriceTable
+from .shared import SharedState
 from .spend import DailySpend
 from .upstream import Upstream
 
@@ -36,6 +37,7 @@ class Services:
     observed: Observed = field(default_factory=lambda: Observed(15.0, 2.0, 120.0))
     spend: DailySpend = field(default_factory=DailySpend)
     ledger: DailyLedger = field(default_factory=lambda: Ledger(time.time()))
+    shared: SharedState | None = None  # None: no FLEX_PROXY_STATE_URL, every process on its own
     clock: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time  # the calendar (UTC days of the ledger, session expiry), not intervals
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep

@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from redis_server import RedisServer
 
 from proxy.app import create_app
 from proxy.config import Settings
@@ -124,3 +125,11 @@ def make_proxy(sim_server: SimServer) -> Iterator[Callable[..., ProxyServer]]:
 @pytest.fixture
 def proxy(make_proxy: Callable[..., ProxyServer], sim: Simulator) -> ProxyServer:
     return make_proxy()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A fresh Redis (no password) on a free loopback port; killed at the end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

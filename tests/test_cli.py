@@ -249,7 +249,7 @@ def test_start_up_line_once_listening_with_typo_warnings() -> None:
         assert started.group(3).startswith(
             "upstream=http://127.0.0.1:9/v1 strategy=backoff-then-standard keys=pass-through flex_patterns=0 prices="
         )
-        assert int(started.group(3).rsplit("prices=", 1)[1]) > 0
+        assert int(re.search(r"prices=(\d+)", started.group(3))[1]) > 0  # type: ignore[index]
         # The line comes once the socket is served: the address it names answers at once.
         assert httpx.get(started.group(2) + "/healthz", timeout=5).status_code == 200
     finally:
@@ -275,6 +275,29 @@ def test_start_up_line_in_json() -> None:
     assert started["prices"] > 0
     assert all(json.loads(line) for line in proxy.lines)
     assert SECRET not in "\n".join(proxy.lines)
+
+
+def test_an_unreachable_shared_state_means_local_mode_in_one_line_and_never_shows_the_password() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = Running("--port", "0", FLEX_PROXY_STATE_URL=f"redis://:{SECRET}@127.0.0.1:{port}/3")
+    try:
+        started = proxy.wait_for(r"INFO flex-proxy started .* shared_state=(\S+)$")
+        local = [line for line in proxy.lines if "shared state" in line]
+    finally:
+        proxy.stop()
+    assert started.group(1) == f"redis://127.0.0.1:{port}/3"
+    assert len(local) == 1 and "unreachable at start" in local[0] and "local mode" in local[0], local
+    assert SECRET not in "\n".join(proxy.lines)
+
+
+@pytest.mark.parametrize("url", ["http://cache:6379", "redis://cache:port/0", "cache:6379"])
+def test_a_bad_shared_state_url_stops_start_up_without_showing_it(url: str) -> None:
+    result = run(FLEX_PROXY_STATE_URL=url.replace("cache", SECRET))
+    assert result.returncode != 0
+    line = _one_line(result.stderr)
+    assert "FLEX_PROXY_STATE_URL" in line and SECRET not in result.stderr + result.stdout
 
 
 def test_proxy_on_a_busy_port_fails_with_one_line_before_start_up(busy_port: int) -> None:

@@ -8,6 +8,7 @@ grace periods, secrets) are checked in Python. Missing tools fail the test: CI m
 
 from __future__ import annotations
 
+import base64
 import copy
 import http.server
 import json
@@ -63,6 +64,7 @@ LABELS: dict[str, set[str]] = {
     "flexproxy_gate_wait_seconds": {"model"},
     "flexproxy_gate_transitions_total": {"model", "to"},
     "flexproxy_event_loop_lag_seconds": set(),
+    "flexproxy_shared_state_up": set(),
     # prometheus-client's ProcessCollector, in the proxy's registry.
     "process_open_fds": set(),
     "process_max_fds": set(),
@@ -382,7 +384,7 @@ def test_compose_proxies_are_keyless_hardened_and_drain_before_sigkill(compose: 
         for name, service in services.items()
         if service.get("image") == "flex-proxy:local" and not {"command", "entrypoint"} & service.keys()
     }
-    assert proxies == {"flex-proxy", "flex-proxy-demo"}
+    assert proxies == {"flex-proxy", "flex-proxy-demo", "flex-proxy-demo-2"}
     for name in proxies:
         service = services[name]
         grace = float(service["environment"]["FLEX_PROXY_SHUTDOWN_GRACE_S"])
@@ -402,7 +404,7 @@ def test_compose_demo_profile_needs_no_key(compose: dict[str, Any]) -> None:
     assert ":?" not in (ROOT / "docker-compose.yml").read_text()
     services = compose["services"]
     demo = {name for name, service in services.items() if "demo" in service.get("profiles", [])}
-    assert demo == {"simulator", "flex-proxy-demo", "demo-traffic"}
+    assert demo == {"simulator", "flex-proxy-demo", "flex-proxy-demo-2", "demo-traffic"}
     simulator = services["simulator"]["command"]
     assert simulator[:3] == ["simulate", "--host", "0.0.0.0"]
     demo_env = services["flex-proxy-demo"]["environment"]
@@ -414,6 +416,29 @@ def test_compose_demo_profile_needs_no_key(compose: dict[str, Any]) -> None:
     assert (ROOT / script.split(":")[0]).is_file()
 
 
+def test_compose_proxies_share_their_state_through_the_state_service(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    state = services["state"]
+    assert "ports" not in state, "the shared state is reachable on the compose network only"
+    assert "--appendonly" in state["command"] and "state-data:/data" in state["volumes"], "spend survives a restart"
+    assert "ping" in json.dumps(state["healthcheck"]["test"])
+    urls = {name: services[name]["environment"]["FLEX_PROXY_STATE_URL"] for name in
+            ("flex-proxy", "flex-proxy-demo", "flex-proxy-demo-2")}  # fmt: skip
+    assert urls["flex-proxy"] == "${FLEX_PROXY_STATE_URL:-redis://state:6379/0}", "a .env value wins"
+    assert urls["flex-proxy-demo"] == urls["flex-proxy-demo-2"] == "redis://state:6379/0"
+    for name in urls:
+        assert "state" in services[name]["depends_on"], name
+    demo_prefix = services["flex-proxy-demo"]["environment"]["FLEX_PROXY_STATE_PREFIX"]
+    assert demo_prefix == services["flex-proxy-demo-2"]["environment"]["FLEX_PROXY_STATE_PREFIX"] != "flexproxy:"
+    published = [port for name in ("flex-proxy-demo", "flex-proxy-demo-2") for port in services[name]["ports"]]
+    assert len(set(published)) == 2 and all("${" in port for port in published), "ports are variables"
+    traffic = services["demo-traffic"]["command"]
+    urls_used = traffic[traffic.index("--base-url") + 1 : traffic.index("--api-key")]
+    assert urls_used == ["http://flex-proxy-demo:8080/v1", "http://flex-proxy-demo-2:8080/v1"]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["dns_sd_configs"][0]["names"] == ["flex-proxy-demo", "flex-proxy-demo-2"]
+
+
 def test_compose_monitoring_reads_the_files_under_deploy(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
@@ -421,7 +446,7 @@ def test_compose_monitoring_reads_the_files_under_deploy(compose: dict[str, Any]
     jobs = {job["job_name"]: job for job in prometheus_yml["scrape_configs"]}
     assert list(jobs) == ["flex-proxy"], "the alert rules select job=flex-proxy: every proxy is in that job"
     assert jobs["flex-proxy"]["static_configs"][0]["targets"] == ["flex-proxy:8080"]
-    assert jobs["flex-proxy"]["dns_sd_configs"][0]["names"] == ["flex-proxy-demo"]
+    assert jobs["flex-proxy"]["dns_sd_configs"][0]["names"] == ["flex-proxy-demo", "flex-proxy-demo-2"]
     assert prometheus_yml["rule_files"] == ["alerts.yml"]
     grafana = services["grafana"]
     mounts = dict(volume.rsplit(":", 1)[0].split(":", 1) for volume in grafana["volumes"] if volume.startswith("./"))
@@ -635,6 +660,64 @@ def test_long_drain_component_raises_the_drain_and_the_grace_periods_together(tm
     assert_drain_ends_before_sigkill(docs, f"{overlay} + long-drain")
     listed = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text()).get("components", [])
     assert "../../components/long-drain" not in listed, "opt-in: a 15-minute drain holds every replaced pod that long"
+
+
+def with_components(tmp_path: Path, overlay: str, components: list[str]) -> list[dict[str, Any]]:
+    """An overlay rendered with components added around it."""
+    wrapper = tmp_path / f"{overlay}-{len(components)}"
+    wrapper.mkdir()
+    k8s = Path(os.path.relpath(K8S, wrapper))  # kustomize refuses absolute paths
+    (wrapper / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(k8s / "overlays" / overlay)], "components": [str(k8s / "components" / n) for n in components],
+    }))  # fmt: skip
+    return render(wrapper)[1]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_proxy_reads_the_shared_state_url_from_an_optional_secret(
+    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], overlay: str
+) -> None:
+    """The URL holds a password: from a Secret, never rendered from the repository; without it, local mode."""
+    docs = rendered[overlay][1]
+    (deployment,) = kinds(docs, "Deployment")
+    (container,) = proxy_containers(deployment["spec"]["template"]["spec"])
+    ref = env_of(container)["FLEX_PROXY_STATE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "flex-proxy-state", "key": "url", "optional": True}
+    listed = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text()).get("components", [])
+    assert "../../components/shared-state" not in listed, "opt-in: the try-it Redis has no password"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shared_state_component_runs_one_redis_the_proxies_alone_reach(tmp_path: Path, overlay: str) -> None:
+    docs = with_components(tmp_path, overlay, ["shared-state"])
+    (secret,) = kinds(docs, "Secret")
+    url = base64.b64decode(secret["data"]["url"]).decode()
+    deployments = {d["metadata"]["name"]: d for d in kinds(docs, "Deployment")}
+    redis = deployments.pop("flex-proxy-state")
+    (proxy_deployment,) = deployments.values()
+    pod = proxy_deployment["spec"]["template"]
+    (container,) = proxy_containers(pod["spec"])
+    assert env_of(container)["FLEX_PROXY_STATE_URL"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    service = next(s for s in kinds(docs, "Service") if s["metadata"]["name"] == "flex-proxy-state")
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    assert service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    (valkey,) = redis["spec"]["template"]["spec"]["containers"]
+    assert "FLEX_PROXY_STATE_URL" not in env_of(valkey) and not proxy_containers(redis["spec"]["template"]["spec"])
+    assert valkey["securityContext"]["readOnlyRootFilesystem"] is True
+    assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert re.search(r":[\w.-]+$", valkey["image"]) and not valkey["image"].endswith(":latest")
+    (policy,) = [p for p in kinds(docs, "NetworkPolicy") if p["metadata"]["name"] == "flex-proxy-state"]
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    admitted = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert admitted.items() <= pod["metadata"]["labels"].items(), "the proxies' pods are admitted"
+    assert not admitted.items() <= redis_labels.items()
+    path = tmp_path / f"{overlay}.yaml"
+    path.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] not in CRD_KINDS]))
+    for version in K8S_VERSIONS:
+        result = run(tool("kubernetes-validate"), "-k", version, "--strict", "--quiet", path)
+        assert result.returncode == 0, output(result)
 
 
 def test_no_literal_key_anywhere_in_deploy_or_compose(rendered: dict[str, tuple[Path, list[dict[str, Any]]]]) -> None:

@@ -212,6 +212,33 @@ def test_the_standard_spend_cap_holds(make_proxy: Callable[..., ProxyServer], si
     assert proxy.metric("flexproxy_cost_usd_total", client="team", tier="standard") == pytest.approx(O3_STANDARD)
 
 
+def test_a_capped_clients_streamed_off_answers_are_priced_and_count_against_the_cap(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator, tmp_path: Path
+) -> None:
+    """X-Flex-Tier: off forwards the body as sent, except that a capped client's streamed chat asks for usage (and
+    gets the stream without it, as sent): otherwise its standard spend could never be counted, nor the cap trip."""
+    policy_file = write(tmp_path, "[clients.team]\nstandard_spend_cap_usd = 5.0\n")
+    proxy = make_proxy(api_key="sk-upstream", client_keys="team ck-team,web ck-web", policy_file=policy_file)
+    body = {"model": "o3", "messages": MESSAGES, "stream": True}
+    for key in ("ck-web", "ck-team"):
+        sim.script(Reply(usage=USAGE))
+        response = httpx.post(proxy.base_url + "/chat/completions", json=body,
+                              headers={"authorization": f"Bearer {key}", "x-flex-tier": "off"})  # fmt: skip
+        assert response.status_code == 200
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+        assert chunks and not any(chunk.get("usage") for chunk in chunks)  # the usage chunk it never asked for
+    uncapped, capped = sim.requests[-2:]
+    assert "stream_options" not in (uncapped.json or {})  # no cap: exactly as sent
+    assert capped.json["stream_options"] == {"include_usage": True}
+    assert proxy.metric("flexproxy_cost_usd_total", client="team", tier="standard") == pytest.approx(O3_STANDARD)
+    assert proxy.metric("flexproxy_cost_usd_total", client="web") == 0
+    # $5.70 spent: past the $5 cap, the next standard request is refused before it costs anything.
+    response = httpx.post(proxy.base_url + "/chat/completions", json=body,
+                          headers={"authorization": "Bearer ck-team", "x-flex-tier": "off"})  # fmt: skip
+    assert response.status_code == 429 and response.json()["error"]["code"] == "standard_spend_cap"
+    assert len(sim.requests) == 2
+
+
 def test_shadow_mode_changes_no_byte_and_counts_what_flex_would_save(
     make_proxy: Callable[..., ProxyServer], sim: Simulator
 ) -> None:

@@ -39,14 +39,15 @@ def worker(args: argparse.Namespace, remaining: list[int], lock: threading.Lock)
             if remaining[0] == 0:
                 return
             remaining[0] -= 1
-        status = send(args.base_url, args.api_key, random.choice(args.models))
+        status = send(random.choice(args.base_url), args.api_key, random.choice(args.models))
         print(f"status={status}", flush=True)
         time.sleep(random.uniform(0, 2 * args.pause))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
+    # Several: each request goes to one of them at random (the demo's two replicas share their state).
+    parser.add_argument("--base-url", nargs="+", default=["http://127.0.0.1:8080/v1"])
     parser.add_argument("--api-key", default="demo")
     parser.add_argument("--models", nargs="+", default=["gpt-5-mini", "o4-mini", "gpt-5"])
     parser.add_argument("--workers", type=int, default=4)
