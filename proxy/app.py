@@ -52,6 +52,7 @@ def create_app(
         known_models=prices.known_families(settings.flex_models),
         clients=settings.client_names,
         flex_models=prices.flex_families,
+        gate_per_family=settings.flex_gate and settings.gate_scope == "model",  # else no gate is named by family
     )
     upstream = Upstream(
         settings.upstream_base_url,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import quote
@@ -57,10 +58,16 @@ def raw_path(scope: Scope) -> str:
     return quote(scope["path"], safe="/:@!$&'()*+,;=-._~")
 
 
+def _too_large(limit: int) -> BodyTooLarge:
+    return BodyTooLarge(
+        f"The request body is larger than this proxy's limit of {limit / 1048576:g} MiB (FLEX_PROXY_MAX_BODY_MB)."
+    )
+
+
 async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes:
     """The whole request body, refusing more than `limit` bytes before reading them where possible."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -70,7 +77,7 @@ async def read_body(receive: Receive, limit: int, declared: str | None) -> bytes
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge(f"The request body is larger than the proxy's limit of {limit} bytes.")
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -124,6 +131,11 @@ class DisconnectGuard:
             self._work.cancel()
 
 
+def new_request_id() -> str:
+    """An id for an error the proxy makes itself, shaped like upstream's (`req_` and hex) but telling them apart."""
+    return "req_flexproxy_" + secrets.token_hex(12)
+
+
 class Responder:
     """Sends one HTTP response and remembers whether it has started (after which no status can change)."""
 
@@ -134,6 +146,7 @@ class Responder:
         self.started = False
         # For a started stream: the in-band error event that ends it honestly (set by whoever streams).
         self.error_event: Callable[[str, str], bytes] | None = None
+        self.error_id: str | None = None  # the x-request-id of the proxy's own error, once one is sent
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
@@ -149,10 +162,14 @@ class Responder:
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def error(self, exc: FlexProxyError, headers: list[tuple[bytes, bytes]], *, retry: bool = False) -> None:
-        """The proxy's own OpenAI-shaped error, marked final for the SDK unless `retry`; nothing if the response
-        has begun."""
+        """The proxy's own OpenAI-shaped error, marked final for the SDK unless `retry`, with a request id of its
+        own for the log line to match; nothing if the response has begun."""
         if not self.started:
-            base = [(b"content-type", b"application/json"), (b"x-should-retry", b"true" if retry else b"false")]
+            self.error_id = new_request_id()
+            base = [
+                (b"content-type", b"application/json"), (b"x-should-retry", b"true" if retry else b"false"),
+                (b"x-request-id", self.error_id.encode()),
+            ]  # fmt: skip
             await self.whole(exc.status, base + headers, exc.body())
 
     async def whole(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

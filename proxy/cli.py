@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
@@ -28,6 +29,12 @@ from .policies import PolicyFileError, check_file
 from .pricing import PriceTable
 
 DESCRIPTION = "Reverse proxy for the OpenAI API that sends eligible requests on the flex tier."
+# The sub-commands, as `--help` lists them; without one, `flex-proxy` runs the proxy.
+COMMANDS = (
+    ("simulate [OPTIONS]", "a simulated OpenAI upstream, to try the proxy without a key (flex-proxy simulate --help)"),
+    ("check-policy FILE", "validate a policy file without starting anything (flex-proxy check-policy --help)"),
+    ("report --url URL", "a running proxy's cost and savings in the terminal (flex-proxy report --help)"),
+)
 PREFIX = "FLEX_PROXY_"
 BACKLOG = 4096
 # The dated-snapshot glob the default model list pairs with each family; shown once instead of 14 times.
@@ -98,8 +105,17 @@ def show_default(value: object) -> str:
     return str(value)
 
 
+def _bound(info: FieldInfo) -> str:
+    """`; at most N` for a setting with an upper bound, so the limit is known before it stops start-up."""
+    for constraint in info.metadata:
+        top = getattr(constraint, "le", None)
+        if isinstance(top, int | float):
+            return f"; at most {top:g}"
+    return ""
+
+
 def _help(name: str, info: FieldInfo) -> str:
-    where = f"{env_name(name)}; default: {show_default(info.default)}"
+    where = f"{env_name(name)}; default: {show_default(info.default)}{_bound(info)}"
     # argparse treats % as a format character in help text.
     text = f"{info.description.rstrip('.')}. [{where}]" if info.description else f"[{where}]"
     return text.replace("%", "%%")
@@ -152,10 +168,14 @@ def _parser() -> argparse.ArgumentParser:
     secrets = [name for name, info in Settings.model_fields.items() if is_secret(info)]
     parser = _Parser(
         prog="flex-proxy",
+        usage="\n".join(["flex-proxy [OPTIONS]", *(f"       flex-proxy {usage}" for usage, _ in COMMANDS)]),
         description=DESCRIPTION,
         formatter_class=_Formatter,
-        epilog="Every flag can also be set as FLEX_PROXY_<NAME> in the environment; a flag wins over its variable. "
-        "`flex-proxy simulate --help` runs a simulated OpenAI upstream instead.",
+        epilog="Every flag can also be set as FLEX_PROXY_<NAME> in the environment; a flag wins over its variable.",
+    )
+    parser.add_argument_group(
+        "commands (without one, flex-proxy runs the proxy)",
+        "\n".join(f"flex-proxy {usage}: {what}" for usage, what in COMMANDS),
     )
     parser.add_argument_group(
         "keys, read from the environment only, so they stay out of `ps` and shell history",
@@ -180,6 +200,7 @@ def load_settings(argv: list[str]) -> Settings:
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = error["loc"][0] if error["loc"] else ""
+        # Field errors get their setting's name here; the others (rules between settings) begin with it.
         name = f"{env_name(str(loc))}: " if loc else ""
         message = str(error["msg"]).removeprefix("Value error, ")
         raise SystemExit(f"flex-proxy: invalid setting {name}{message}") from None
@@ -220,7 +241,39 @@ def settings_warnings(settings: Settings) -> list[str]:
             f"{', '.join(old[:5])}{more}: `name=key` no longer names a key; each such entry is read as one bare key "
             "(client `default`). To name a key, write the name, a space, then the key: `name key`"
         )
+    warnings += _upstream_warnings(settings.upstream_base_url)
     return warnings
+
+
+def _upstream_warnings(base: str) -> list[str]:
+    """A base URL without /v1: OpenAI answers every path without it 404. Other hosts are only warned about when
+    the URL has no path at all (a gateway may serve the API under another path: that is left alone)."""
+    url = urlsplit(base)
+    host, path = (url.hostname or "").lower(), url.path.rstrip("/")
+    setting = env_name("upstream_base_url")
+    if host == "api.openai.com" or host.endswith(".api.openai.com"):
+        if path != "/v1":
+            return [
+                f"{setting} is {base}, which does not end in /v1: OpenAI serves its API under /v1, so every request "
+                f"would get upstream's 404; set {setting}={url.scheme}://{url.netloc}/v1"
+            ]
+    elif not path:
+        return [
+            f"{setting} is {base}, with no path: the proxy sends /v1/<rest> to {base}/<rest>, so an upstream that "
+            f"serves the OpenAI API under /v1 (most do) needs {setting}={base}/v1; ignore this if yours serves it "
+            "at its root"
+        ]
+    return []
+
+
+def environment_warnings(environ: Mapping[str, str], settings: Settings) -> list[str]:
+    """Variables an OpenAI user may expect the proxy to read, which it does not (never their values)."""
+    if environ.get("OPENAI_API_KEY") and settings.api_key is None:
+        return [
+            "OPENAI_API_KEY is set, but the proxy does not read it: set FLEX_PROXY_API_KEY for the key the proxy "
+            "sends on requests that carry none (clients that send their own key need neither)"
+        ]
+    return []
 
 
 def key_mode(settings: Settings) -> str:
@@ -240,6 +293,7 @@ def started_fields(settings: Settings, listening: Sequence[socket.socket], price
         "version": version(),
         "listen": ",".join("http://" + host_port(*s.getsockname()[:2]) for s in listening),
         "upstream": settings.upstream_base_url,
+        "mode": settings.mode,
         "strategy": settings.on_unavailable,
         "keys": key_mode(settings),
         "flex_patterns": len(settings.flex_models),
@@ -352,10 +406,14 @@ def _tune_gc() -> None:
 
 def _check_policy(argv: list[str]) -> int:
     """`flex-proxy check-policy FILE`: validate a policy file without starting anything."""
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: flex-proxy check-policy FILE", file=sys.stderr)
-        return 2
-    path = Path(argv[0])
+    parser = _Parser(
+        prog="flex-proxy check-policy",
+        description="Validate a policy file (FLEX_PROXY_POLICY_FILE) without starting anything: prints a summary "
+        "of its policies and rules, or one line naming the line and the problem (exit status 1).",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("file", metavar="FILE", help="the TOML policy file")
+    path = Path(parser.parse_args(argv).file)
     if not path.is_file():
         print(f"flex-proxy: no such file: {path}", file=sys.stderr)
         return 1
@@ -389,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"flex-proxy: warning: {warning}", file=sys.stderr)
         raise
     configure(settings.log_level, settings.log_format)
-    for warning in unknown + settings_warnings(settings):
+    for warning in unknown + settings_warnings(settings) + environment_warnings(os.environ, settings):
         _log(settings.log_format, logging.WARNING, warning)
     _raise_open_file_limit()
     sockets = listen(settings.host, settings.port)

@@ -35,6 +35,8 @@ _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The form client keys had before `name key`: a name, `=`, then a key that does not start with `=` (so the
 # padding of a base64 key such as `q3MxXn0RzUQjYl7kP9aWbQ==` never looks like it).
 _OLD_NAMED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}=[^=]")
+# The client label of requests no client key was accepted for (refused 401, or refused before the key was read).
+NO_CLIENT = "none"
 
 
 def _is_token(key: str) -> bool:
@@ -55,16 +57,21 @@ def parse_client_key(entry: str, where: str) -> ClientKey:
     """`key` (named `default`) or `name key`: keys hold no whitespace, so the split is unambiguous whatever else
     a key holds (`=`, `+`, `/`). Errors name `where` and never echo any part of the entry: it may be a key."""
     if any(ord(c) < 32 or ord(c) >= 127 for c in entry):
-        raise ValueError(f"{where} has control or non-ASCII characters (the entry is not shown)")
+        raise ValueError(f"{where}: has control or non-ASCII characters (the entry is not shown)")
     parts = entry.split()
     if len(parts) == 1:
         return ClientKey("default", SecretStr(parts[0]), where, bool(_OLD_NAMED.match(parts[0])))
     if len(parts) != 2:
-        raise ValueError(f"{where} must be a key, or a name, a space and the key (the entry is not shown)")
+        raise ValueError(f"{where}: must be a key, or a name, a space and the key (the entry is not shown)")
     if not _CLIENT_NAME.match(parts[0]):
         raise ValueError(
             f"{where}: the client name must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or "
             "digit (the entry is not shown)"
+        )
+    if parts[0] == NO_CLIENT:
+        raise ValueError(
+            f"{where}: the client name {NO_CLIENT!r} is reserved: it labels the requests refused for a missing or "
+            "unknown key"
         )
     return ClientKey(parts[0], SecretStr(parts[1]), where)
 
@@ -107,7 +114,7 @@ class Settings(BaseSettings):
         "backoff-then-standard", description="what to do when flex has no capacity: " + " | ".join(STRATEGIES)
     )
     max_flex_attempts: int = Field(
-        4, ge=1, le=100, description="with the gate off: flex attempts per request, the first included (at most 100)"
+        4, ge=1, le=100, description="with the gate off: flex attempts per request, the first included"
     )
     backoff_initial_s: float = Field(1.0, gt=0, description="first backoff cap for retries; doubles each retry")
     backoff_max_s: float = Field(30.0, gt=0, description="largest backoff cap")
@@ -277,23 +284,24 @@ class Settings(BaseSettings):
             object.__setattr__(self, "client_keys", (*self.client_keys, *(SecretStr(line) for _, line in kept)))
         secrets = [entry.key.get_secret_value() for entry in parsed]
         if len(set(secrets)) != len(secrets):
-            raise ValueError("the same client key is given twice (the value is not shown)")
+            raise ValueError("FLEX_PROXY_CLIENT_KEYS: the same key is given twice (the value is not shown)")
         self._client_keys = tuple(parsed)
         return self
 
     @model_validator(mode="after")
     def _no_open_relay(self) -> Settings:
+        # Each message names the setting first, then what is wrong: "invalid setting NAME: problem".
         if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError("FLEX_PROXY_BACKOFF_MAX_S must be at least FLEX_PROXY_BACKOFF_INITIAL_S")
+            raise ValueError("FLEX_PROXY_BACKOFF_MAX_S: must be at least FLEX_PROXY_BACKOFF_INITIAL_S")
         if self.api_key and not self.client_keys and not is_loopback(self.host):
             raise ValueError(
-                f"FLEX_PROXY_CLIENT_KEYS is required: FLEX_PROXY_API_KEY is set and the proxy listens on "
-                f"{self.host}, a non-loopback address, so without client keys anyone who reaches it spends your key"
+                f"FLEX_PROXY_CLIENT_KEYS: missing, and required here: FLEX_PROXY_API_KEY is set and the proxy listens "
+                f"on {self.host}, a non-loopback address, so without client keys anyone who reaches it spends your key"
             )
         if self.standard_reserve_max_s < self.standard_reserve_min_s:
-            raise ValueError("FLEX_PROXY_STANDARD_RESERVE_MAX_S must be at least FLEX_PROXY_STANDARD_RESERVE_MIN_S")
+            raise ValueError("FLEX_PROXY_STANDARD_RESERVE_MAX_S: must be at least FLEX_PROXY_STANDARD_RESERVE_MIN_S")
         if self.client_keys and not self.api_key:
-            raise ValueError("FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY, the key used for those clients")
+            raise ValueError("FLEX_PROXY_CLIENT_KEYS: needs FLEX_PROXY_API_KEY, the key used for those clients")
         return self
 
     @property

@@ -18,12 +18,19 @@ LOGGER = "flex_proxy"
 _LOGGERS = (LOGGER, "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio")
 
 
+def utc_iso(seconds: float) -> str:
+    """A wall-clock time as UTC ISO 8601 with milliseconds: 2026-01-31T23:59:59.123Z."""
+    whole = int(seconds)
+    millis = min(999, int((seconds - whole) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, the access fields, any traceback."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": utc_iso(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -1,4 +1,13 @@
-"""Prometheus metrics through one registry the app owns; every label value comes from a bounded set."""
+"""Prometheus metrics through one registry the app owns; every label value comes from a bounded set.
+
+Counters lose to `rate()` the increments that create a series, so every label set known at start is created
+then, at 0: the low-cardinality `flexproxy_outcomes_total` and `flexproxy_answered_total` (which the dashboard's
+totals and the alerts read), the upstream attempts, and the request durations of answered requests. A model
+family's own series on an endpoint (retries, fallbacks, tier rejections, unread answers; its gate) are created
+at 0 the first time the family is seen there, before that request's first attempt. `flexproxy_requests_total`
+and the token and money counters keep the full breakdown (model, client, tiers), whose label sets appear as they
+first occur.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from .gate import Result, State
+from .policy import RETRY_REASON
 from .pricing import Usage, family_of
 
 # How a tier reads in every label: standard stands for default, auto and no tier at all on a model request.
@@ -18,6 +29,31 @@ _TIER_LABELS = {
 }  # fmt: skip
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
 ENDPOINTS = ("chat", "responses", "compact", "other")
+MODEL_ENDPOINTS = ("chat", "responses", "compact")  # "other" is every pass-through path
+# Every way a request can end: the `outcome` label and the access log's `outcome` field.
+OUTCOMES = (
+    "ok",  # answered by upstream (a 2xx; pass-through: below 400)
+    "upstream_error",  # upstream's own 4xx that no retry fixes, passed through as it came
+    "bad_request",  # refused by the proxy: bad JSON, body too large, bad header or path
+    "auth_failed",  # refused by the proxy: no client key, or an unknown one (401)
+    "spend_cap",  # the client's daily standard-tier spend cap
+    "flex_unavailable", "rate_limited", "quota", "too_large", "tier_rejected", "server_error",
+    "timeout", "client_deadline", "unreachable", "stream_cut",
+    "client_disconnected",  # the client left before its answer was complete
+    "shutdown",  # cut by the drain at shutdown (503)
+    "proxy_error",  # a bug of the proxy's (500)
+)  # fmt: skip
+# What a pass-through request (endpoint "other": one attempt, no tier, no retry) can end with.
+PASSTHROUGH_OUTCOMES = (
+    "ok", "upstream_error", "bad_request", "auth_failed", "timeout", "unreachable", "stream_cut",
+    "client_disconnected", "shutdown", "proxy_error",
+)  # fmt: skip
+STATUS_CLASSES = ("2xx", "4xx", "429", "5xx", "timeout", "connection_error", "cancelled")
+# (requested, served) tiers of answered model requests: flex served or fallen back, standard, priority served or
+# downgraded by upstream. Rarer pairs (a tier named `other`) get their series when they first occur.
+ANSWERED_TIERS = (("flex", "flex"), ("flex", "standard"), ("standard", "standard"), ("priority", "priority"),
+                  ("priority", "standard"))  # fmt: skip
+RETRY_REASONS = tuple(dict.fromkeys(RETRY_REASON.values()))
 
 
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -85,14 +121,27 @@ class Metrics:
         clients: Iterable[str] = ("default",),
         flex_models: Iterable[str] = (),
         process: bool = True,
+        gate_per_family: bool = True,
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._known = frozenset(known_models)
+        self._flex = frozenset(flex_models)
+        self._gate_per_family = gate_per_family  # gates keyed by family alone (not per upstream key)
+        self._seen: set[tuple[str, str]] = set()  # (family, endpoint) whose series exist; (family, "gate")
         r = self.registry
         if process:
             ProcessCollector(registry=r)  # open fds against the limit, memory, CPU
+        self.outcomes = Labelled(Counter(
+            "flexproxy_outcomes", "Requests finished, by endpoint and outcome; every pair exists from start.",
+            ["endpoint", "outcome"], registry=r,
+        ))  # fmt: skip
+        self.answered = Labelled(Counter(
+            "flexproxy_answered", "Requests answered (outcome ok), by the tier asked of upstream and the tier that "
+            "served; the usual pairs exist from start.", ["endpoint", "requested_tier", "served_tier"], registry=r,
+        ))  # fmt: skip
         self.requests = Labelled(Counter(
-            "flexproxy_requests", "Requests answered, by endpoint, model family, client, tiers and outcome.",
+            "flexproxy_requests", "Requests finished, by endpoint, model family, client, tiers and outcome (the "
+            "breakdown: each label set appears with its first request).",
             ["endpoint", "model", "client", "requested_tier", "served_tier", "outcome"], registry=r,
         ))  # fmt: skip
         self.in_flight = Labelled(
@@ -136,7 +185,8 @@ class Metrics:
             ["model", "client"], r,
         )  # fmt: skip
         self.unpriced = Labelled(Counter(
-            "flexproxy_unpriced_responses", "Answers with usage but no price for their model and tier.",
+            "flexproxy_unpriced_responses",
+            "Answers that could not be priced: no price for their model and tier, or no usage.",
             ["model", "tier"], registry=r,
         ))  # fmt: skip
         self.duration = Labelled(Histogram(
@@ -177,11 +227,21 @@ class Metrics:
         self._initialise(clients, flex_models)
 
     def _initialise(self, clients: Iterable[str], flex_models: Iterable[str]) -> None:
-        """Create the label sets a quiet proxy has, so its panels read 0 rather than "No data": the flex families'
-        money for each named client (not every priced model: that would be thousands of series for many clients)."""
+        """Create the label sets a quiet proxy has, so rate() counts their first increments and panels read 0
+        rather than "No data". The flex families' money for each named client, not every priced model's: that
+        would be thousands of series for many clients."""
         for endpoint in ENDPOINTS:
             self.in_flight.labels(endpoint)
             self.duration.labels(endpoint, "ok")
+            for outcome in OUTCOMES if endpoint != "other" else PASSTHROUGH_OUTCOMES:
+                self.outcomes.labels(endpoint, outcome)
+        self.answered.labels("other", "none", "none")
+        for endpoint in MODEL_ENDPOINTS:
+            for requested, served in ANSWERED_TIERS:
+                self.answered.labels(endpoint, requested, served)
+            for tier in ("flex", "standard"):
+                for status in STATUS_CLASSES:
+                    self.attempts.labels(endpoint, tier, status)
         for client in clients:
             for model in flex_models:
                 self.saved.touch(model, client)
@@ -189,12 +249,39 @@ class Metrics:
                 for tier in ("flex", "standard"):
                     self.cost.touch(model, client, tier)
 
-    def model_label(self, model: object) -> str:
-        """The price-table family, else "other" (a typo must not get a label of its own); "none" for no model."""
+    def _first_sight(self, family: str, endpoint: str) -> None:
+        """A family's own series on one endpoint, at 0 before its first request there makes its first attempt:
+        its retries, unread answers and, for a flex family, its fallbacks, tier rejections and (once) its gate."""
+        self._seen.add((family, endpoint))
+        flex = family in self._flex or family == "other"  # an unpriced model may be sent on flex (X-Flex-Tier)
+        for reason in RETRY_REASONS:
+            if flex or reason != "flex_unavailable":
+                self.retries.labels(endpoint, family, reason)
+        for tier in ("flex", "standard") if flex else ("standard",):
+            self.unread.labels(endpoint, family, tier)
+        if not flex:
+            return
+        self.fallbacks.labels(endpoint, family)
+        self.tier_rejections.labels(endpoint, family)
+        if self._gate_per_family and (family, "gate") not in self._seen:
+            self._seen.add((family, "gate"))
+            self.gate_busy.labels(family)
+            self.gate_waiting.labels(family)
+            for result in Result:
+                self.gate_probes.labels(family, result.value)
+            for state in State:
+                self.gate_transitions.labels(family, state.value)
+
+    def model_label(self, model: object, endpoint: str | None = None) -> str:
+        """The price-table family, else "other" (a typo must not get a label of its own); "none" for no model.
+        The first call for a family on a model endpoint creates the family's series there."""
         if not isinstance(model, str) or not model:
             return "none"
         family = family_of(model)
-        return family if family in self._known else "other"
+        label = family if family in self._known else "other"
+        if endpoint in MODEL_ENDPOINTS and (label, endpoint) not in self._seen:
+            self._first_sight(label, endpoint)
+        return label
 
     def account(self, model: str, client: str, tier: str, usage: Usage, money: tuple[int, int, int] | None) -> None:
         """Count an answer's tokens and its money: (cost, saved, lost) in nano-USD, None when it has no price."""

@@ -7,7 +7,7 @@ import asyncio
 import math
 
 from . import policy
-from .accounting import Record, price_record
+from .accounting import Record, cost_headers
 from .asgi import Responder
 from .attempts import Answer, OpenStream
 from .errors import UpstreamError
@@ -51,17 +51,6 @@ def retry_after_header(seconds: float | None, limits: Limits) -> bytes:
     if seconds is None:
         return str(policy.suggested_wait_s(limits)).encode()
     return str(max(1, math.ceil(seconds))).encode()
-
-
-def cost_headers(rec: Record, prices: PriceTable) -> list[tuple[bytes, bytes]]:
-    """What this answer cost and saved, when its model has a price (the saving is negative after a fallback)."""
-    if price_record(rec, prices) is None or rec.cost_usd is None or rec.saved_usd is None:
-        return []
-    return [(b"x-flex-cost-usd", _usd(rec.cost_usd)), (b"x-flex-saved-usd", _usd(rec.saved_usd))]
-
-
-def _usd(value: float) -> bytes:
-    return f"{value:.8f}".encode()
 
 
 def cost_comment(rec: Record, prices: PriceTable) -> bytes:

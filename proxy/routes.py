@@ -25,7 +25,7 @@ from .asgi import (
     read_body,
 )
 from .attempts import Attempts, Job
-from .errors import ClientError, FlexProxyError, ShuttingDown, SpendCapReached, UpstreamError
+from .errors import ClientError, FlexProxyError, ShuttingDown, SpendCapReached, Unauthorized, UpstreamError
 from .ledger import utc_day
 from .passthrough import passthrough, query
 from .relay import deliver, retry_after_header
@@ -50,7 +50,8 @@ class ProxyApp:
         # only decodes to /v1/ (`/v%31/`, `/v1%2F`) is refused below rather than cut at the wrong place.
         rest = raw[3:] if raw.startswith("/v1/") else raw
         endpoint = MODEL_ENDPOINTS.get(rest) if scope["method"] == "POST" else None
-        record = Record(endpoint or "other", scope["method"], rest)
+        client = scope.get("client")
+        record = Record(endpoint or "other", scope["method"], rest, peer=client[0] if client else None)
         s = self.s
         start = s.clock()
         settled = False
@@ -59,9 +60,11 @@ class ProxyApp:
             nonlocal settled
             if not settled:
                 settled = True
+                record.error_id = responder.error_id
                 s.metrics.in_flight.labels(record.endpoint).dec()
-                day = utc_day(s.wall())
-                account(record, s.clock() - start, s.metrics, s.prices, s.access_log, s.spend, s.ledger, day)
+                now = s.wall()
+                duration = s.clock() - start
+                account(record, duration, s.metrics, s.prices, s.access_log, s.spend, s.ledger, utc_day(now), now)
 
         guard = DisconnectGuard(receive)
         responder = Responder(send, guard, settle)
@@ -161,7 +164,7 @@ class ProxyApp:
             decision = tiers.TierDecision(client_tier if isinstance(client_tier, str) else None, False, "shadow")
             mode = "off"
         cap = services.policies.client(rec.client).standard_spend_cap_usd
-        family = services.metrics.model_label(rec.model)  # bounded: a known family, `other` or `none`
+        family = services.metrics.model_label(rec.model, rec.endpoint)  # bounded: a known family, `other` or `none`
         rec.spend = services.spend.tab(rec.client, cap, family)
         if decision.on_flex and services.spend.over(rec.client, cap):
             strategy = "backoff"  # past the day's standard spend: stay on flex, wait or fail, never pay standard
@@ -245,7 +248,10 @@ def _gate_key(family: str, authorization: str | None, scope: str) -> str:
 
 
 async def _refuse(out: Responder, rec: Record, exc: ClientError, retry_after: int | None = None) -> None:
-    rec.outcome = "bad_request" if retry_after is None else "spend_cap"
+    if isinstance(exc, Unauthorized):
+        rec.outcome = "auth_failed"  # no client named: the label stays `none`, a name no client may take
+    else:
+        rec.outcome = "bad_request" if retry_after is None else "spend_cap"
     rec.status = exc.status
     extra = [] if retry_after is None else [(b"retry-after", str(retry_after).encode())]
     await out.error(exc, rec.flex_headers() + extra)

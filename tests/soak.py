@@ -716,6 +716,16 @@ def check_metrics(metrics: Metrics, sim: SoakSim, sent: int, seen: Upstream, rep
     requests = metrics.total("flexproxy_requests_total", model_endpoint)
     if requests != sent:
         report.add(f"flexproxy_requests_total is {requests:g}, {sent} requests were sent")
+    # The exact counters agree with the breakdown, request for request and ending for ending.
+    outcomes = {found.get("outcome", "") for name, found, _ in metrics.samples if name == "flexproxy_outcomes_total"}
+    for outcome in sorted(outcomes):
+        exact = metrics.total("flexproxy_outcomes_total", model_endpoint, outcome=outcome)
+        broken_down = metrics.total("flexproxy_requests_total", model_endpoint, outcome=outcome)
+        if exact != broken_down:
+            report.add(f"flexproxy_outcomes_total counts {exact:g} {outcome}, flexproxy_requests_total {broken_down:g}")
+    answered = metrics.total("flexproxy_answered_total", model_endpoint)
+    if answered != metrics.total("flexproxy_requests_total", model_endpoint, outcome="ok"):
+        report.add(f"flexproxy_answered_total is {answered:g}, not the requests answered ok")
     left = metrics.total("flexproxy_requests_total", outcome="client_disconnected")
     if left != seen.left:
         report.add(f"{left:g} requests counted client_disconnected, {seen.left} clients left")

@@ -19,7 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.cli import is_secret, key_mode, listen, load_settings, settings_warnings, show_default, unknown_variables
+from proxy.cli import (
+    COMMANDS,
+    environment_warnings,
+    is_secret,
+    key_mode,
+    listen,
+    load_settings,
+    settings_warnings,
+    show_default,
+    unknown_variables,
+)
 from proxy.config import DEFAULT_FLEX_MODELS, Settings
 
 BIN = Path(sys.executable).parent / "flex-proxy"
@@ -122,10 +132,41 @@ def test_help_says_what_every_flag_does() -> None:
         else:
             assert f"{flag} " in text, name
             assert f"[{variable}; default: " in text, name
-    assert "[FLEX_PROXY_PORT; default: 8080]" in text
+    assert "[FLEX_PROXY_PORT; default: 8080; at most 65535]" in text
+    assert "[FLEX_PROXY_MAX_FLEX_ATTEMPTS; default: 4; at most 100]" in text  # the cap is said before it bites
+    assert "[FLEX_PROXY_MAX_RETRIES; default: 2; at most 20]" in text
     assert "--on-unavailable {backoff,standard,backoff-then-standard,fail}" in text
     assert "keys, read from the environment only, so they stay out of `ps` and shell history:" in text
     assert "FLEX_PROXY_API_KEY: OpenAI key" in text
+
+
+def test_help_lists_the_commands_and_each_answers_its_own_help() -> None:
+    text = " ".join(run("--help").stdout.split())
+    assert text.startswith("usage: flex-proxy [OPTIONS] flex-proxy simulate [OPTIONS] flex-proxy check-policy FILE")
+    for usage, what in COMMANDS:
+        assert f"flex-proxy {usage}: {what}" in text
+    assert {usage.split()[0] for usage, _ in COMMANDS} == {"simulate", "check-policy", "report"}
+    for command in ("simulate", "check-policy"):
+        result = run(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: flex-proxy {command} "), result.stdout
+    missing = run("check-policy")
+    assert missing.returncode == 2
+    assert _one_line(missing.stderr) == (
+        "flex-proxy check-policy: the following arguments are required: FILE; see flex-proxy check-policy --help"
+    )
+
+
+def test_simulate_help_says_each_default_once() -> None:
+    result = run("simulate", "--help")
+    options = re.split(r"\n  (?=-)", result.stdout)  # one entry per option, wrapped lines included
+    assert len(options) > 10
+    for option in options:
+        assert option.count("(default:") <= 1, option
+    text = " ".join(result.stdout.split())
+    assert "(default: accept any)" in text and "(default: None)" not in text
+    # The fixed pattern adds to the random windows; the help says so, and how to have the pattern alone.
+    assert "besides the random windows of --flex-busy (add --flex-busy 0 for the pattern alone)" in text
 
 
 def test_help_shows_the_default_flex_models_as_patterns() -> None:
@@ -228,6 +269,57 @@ def test_old_named_keys_get_one_warning_by_position_only() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "warning"),
+    [
+        ("https://api.openai.com/v1", None),
+        ("https://api.openai.com/v1/", None),
+        ("https://api.openai.com", "is https://api.openai.com, which does not end in /v1: OpenAI serves its API under "
+                                   "/v1, so every request would get upstream's 404; set "
+                                   "FLEX_PROXY_UPSTREAM_BASE_URL=https://api.openai.com/v1"),
+        ("https://eu.api.openai.com/", "set FLEX_PROXY_UPSTREAM_BASE_URL=https://eu.api.openai.com/v1"),
+        ("https://API.OpenAI.com/v2", "which does not end in /v1"),
+        ("http://127.0.0.1:8081/v1", None),
+        # A gateway may serve the API under another path: left alone.
+        ("https://gateway.example/openai/v1", None),
+        ("https://gateway.example/api/openai", None),
+        # No path at all is most likely a forgotten /v1, but some upstreams serve the API at their root.
+        ("http://127.0.0.1:8081", "is http://127.0.0.1:8081, with no path: the proxy sends /v1/<rest> to "
+                                  "http://127.0.0.1:8081/<rest>"),
+    ],
+)  # fmt: skip
+def test_an_upstream_base_url_without_v1_is_warned_about(url: str, warning: str | None) -> None:
+    warnings = settings_warnings(Settings(upstream_base_url=url))
+    if warning is None:
+        assert warnings == []
+    else:
+        (found,) = warnings
+        assert found.startswith("FLEX_PROXY_UPSTREAM_BASE_URL ") and warning in found, found
+
+
+def test_an_ignored_openai_api_key_is_warned_about_without_its_value() -> None:
+    (warning,) = environment_warnings({"OPENAI_API_KEY": SECRET}, Settings())
+    assert warning.startswith("OPENAI_API_KEY is set, but the proxy does not read it: set FLEX_PROXY_API_KEY")
+    assert SECRET not in warning
+    assert environment_warnings({"OPENAI_API_KEY": SECRET}, Settings(api_key=SECRET)) == []  # type: ignore[arg-type]
+    assert environment_warnings({"OPENAI_API_KEY": ""}, Settings()) == []
+    assert environment_warnings({}, Settings()) == []
+
+
+def test_shadow_mode_and_the_misconfigurations_are_said_at_start() -> None:
+    proxy = Running(
+        "--port", "0", "--mode", "shadow", OPENAI_API_KEY=SECRET, FLEX_PROXY_UPSTREAM_BASE_URL="https://api.openai.com"
+    )
+    try:
+        proxy.wait_for(r"WARNING FLEX_PROXY_UPSTREAM_BASE_URL is https://api\.openai\.com, which does not end in /v1")
+        proxy.wait_for(r"WARNING OPENAI_API_KEY is set, but the proxy does not read it: set FLEX_PROXY_API_KEY")
+        started = proxy.wait_for(r"INFO flex-proxy started .* upstream=https://api\.openai\.com mode=shadow ")
+        assert started
+    finally:
+        proxy.stop()
+    assert SECRET not in "\n".join(proxy.lines)
+
+
+@pytest.mark.parametrize(
     ("values", "mode"),
     [
         ({}, "pass-through"),
@@ -247,7 +339,8 @@ def test_start_up_line_once_listening_with_typo_warnings() -> None:
         started = proxy.wait_for(r"INFO flex-proxy started version=(\S+) listen=(http://127\.0\.0\.1:\d+) (.*)$")
         assert started.group(1) == metadata.version("flex-proxy")
         assert started.group(3).startswith(
-            "upstream=http://127.0.0.1:9/v1 strategy=backoff-then-standard keys=pass-through flex_patterns=0 prices="
+            "upstream=http://127.0.0.1:9/v1 mode=flex strategy=backoff-then-standard keys=pass-through flex_patterns=0 "
+            "prices="
         )
         assert int(re.search(r"prices=(\d+)", started.group(3))[1]) > 0  # type: ignore[index]
         # The line comes once the socket is served: the address it names answers at once.
@@ -269,7 +362,7 @@ def test_start_up_line_in_json() -> None:
     assert started["level"] == "info"
     assert started["version"] == metadata.version("flex-proxy")
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", started["listen"])
-    assert started["strategy"] == "fail"
+    assert started["strategy"] == "fail" and started["mode"] == "flex"
     assert started["keys"] == "client-keys"
     assert started["flex_patterns"] == len(DEFAULT_FLEX_MODELS)
     assert started["prices"] > 0
@@ -324,7 +417,7 @@ def test_a_bad_setting_names_the_mistyped_variable_that_explains_it() -> None:
         "flex-proxy: warning: FLEX_PROXY_APIKEY is not a flex-proxy setting and is ignored "
         "(did you mean FLEX_PROXY_API_KEY?)"
     )
-    assert error.startswith("flex-proxy: invalid setting FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY")
+    assert error.startswith("flex-proxy: invalid setting FLEX_PROXY_CLIENT_KEYS: needs FLEX_PROXY_API_KEY")
     assert SECRET not in result.stderr
 
 

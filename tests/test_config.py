@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ def test_prices_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path:
         ({"FLEX_PROXY_LOG_LEVEL": "trace"}, "log_level", "'debug', 'info', 'warning' or 'error'"),
         ({"FLEX_PROXY_UPSTREAM_BASE_URL": "api.openai.com/v1"}, "upstream_base_url", "http:// or https://"),
         ({"FLEX_PROXY_PRICES_FILE": "/nonexistent/prices.json"}, "prices_file", "no such file: /nonexistent"),
-        ({"FLEX_PROXY_BACKOFF_MAX_S": "0.5"}, None, "FLEX_PROXY_BACKOFF_MAX_S must be at least"),
+        ({"FLEX_PROXY_BACKOFF_MAX_S": "0.5"}, None, "FLEX_PROXY_BACKOFF_MAX_S: must be at least"),
         ({"FLEX_PROXY_TCP_KEEPALIVE_IDLE_S": "0"}, "tcp_keepalive_idle_s", "greater than or equal to 1"),
         ({"FLEX_PROXY_TCP_KEEPALIVE_IDLE_S": "32768"}, "tcp_keepalive_idle_s", "less than or equal to 32767"),
         ({"FLEX_PROXY_TCP_KEEPALIVE_IDLE_S": "1.5"}, "tcp_keepalive_idle_s", "valid integer"),
@@ -161,10 +162,10 @@ def test_invalid_environment(
 @pytest.mark.parametrize(
     ("host", "api_key", "client_keys", "error"),
     [
-        ("0.0.0.0", SECRET, "", "FLEX_PROXY_CLIENT_KEYS is required"),
-        ("::", SECRET, "", "FLEX_PROXY_CLIENT_KEYS is required"),
-        ("192.168.1.5", SECRET, "", "FLEX_PROXY_CLIENT_KEYS is required"),
-        ("proxy.internal", SECRET, "", "FLEX_PROXY_CLIENT_KEYS is required"),
+        ("0.0.0.0", SECRET, "", "FLEX_PROXY_CLIENT_KEYS: missing, and required here"),
+        ("::", SECRET, "", "FLEX_PROXY_CLIENT_KEYS: missing, and required here"),
+        ("192.168.1.5", SECRET, "", "FLEX_PROXY_CLIENT_KEYS: missing, and required here"),
+        ("proxy.internal", SECRET, "", "FLEX_PROXY_CLIENT_KEYS: missing, and required here"),
         ("127.0.0.1", SECRET, "", None),
         ("127.0.0.2", SECRET, "", None),
         ("::1", SECRET, "", None),
@@ -172,8 +173,8 @@ def test_invalid_environment(
         ("0.0.0.0", SECRET, CLIENT_SECRET, None),
         ("0.0.0.0", "", "", None),
         ("0.0.0.0", None, "", None),
-        ("127.0.0.1", None, CLIENT_SECRET, "FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY"),
-        ("0.0.0.0", "", CLIENT_SECRET, "FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY"),
+        ("127.0.0.1", None, CLIENT_SECRET, "FLEX_PROXY_CLIENT_KEYS: needs FLEX_PROXY_API_KEY"),
+        ("0.0.0.0", "", CLIENT_SECRET, "FLEX_PROXY_CLIENT_KEYS: needs FLEX_PROXY_API_KEY"),
     ],
 )
 def test_open_relay_rule(
@@ -258,15 +259,25 @@ def test_flags_override_environment(
         ({}, ["--port", "70000"], "FLEX_PROXY_PORT: Input should be less than or equal to 65535"),
         ({}, ["--on-unavailable", "nope"], "FLEX_PROXY_ON_UNAVAILABLE: Input should be 'backoff', 'standard', "
                                            "'backoff-then-standard' or 'fail'"),
-        ({}, ["--backoff-max-s", "0.5"], "FLEX_PROXY_BACKOFF_MAX_S must be at least FLEX_PROXY_BACKOFF_INITIAL_S"),
+        ({}, ["--backoff-max-s", "0.5"], "FLEX_PROXY_BACKOFF_MAX_S: must be at least FLEX_PROXY_BACKOFF_INITIAL_S"),
+        ({}, ["--standard-reserve-min-s", "9", "--standard-reserve-max-s", "3"],
+         "FLEX_PROXY_STANDARD_RESERVE_MAX_S: must be at least"),
         ({}, ["--upstream-base-url", "ftp://x"], "FLEX_PROXY_UPSTREAM_BASE_URL: must start with http:// or https://"),
         ({}, ["--prices-file", "/nonexistent/p.json"], "FLEX_PROXY_PRICES_FILE: no such file: /nonexistent/p.json"),
         ({}, ["--max-retries", "-1"], "FLEX_PROXY_MAX_RETRIES: Input should be greater than or equal to 0"),
-        ({"FLEX_PROXY_API_KEY": SECRET}, ["--host", "0.0.0.0"], "FLEX_PROXY_CLIENT_KEYS is required: "
-                                                                 "FLEX_PROXY_API_KEY is set and the proxy listens on "
-                                                                 "0.0.0.0, a non-loopback address"),
-        ({"FLEX_PROXY_CLIENT_KEYS": CLIENT_SECRET}, [], "FLEX_PROXY_CLIENT_KEYS needs FLEX_PROXY_API_KEY, the key used "
-                                                        "for those clients"),
+        ({"FLEX_PROXY_API_KEY": SECRET}, ["--host", "0.0.0.0"], "FLEX_PROXY_CLIENT_KEYS: missing, and required "
+                                                                 "here: FLEX_PROXY_API_KEY is set and the proxy "
+                                                                 "listens on 0.0.0.0, a non-loopback address"),
+        ({"FLEX_PROXY_CLIENT_KEYS": CLIENT_SECRET}, [],
+         "FLEX_PROXY_CLIENT_KEYS: needs FLEX_PROXY_API_KEY, the key used for those clients"),
+        ({"FLEX_PROXY_API_KEY": SECRET, "FLEX_PROXY_CLIENT_KEYS": f"a {CLIENT_SECRET},b {CLIENT_SECRET}"}, [],
+         "FLEX_PROXY_CLIENT_KEYS: the same key is given twice (the value is not shown)"),
+        ({"FLEX_PROXY_API_KEY": SECRET, "FLEX_PROXY_CLIENT_KEYS": f"k1,none {CLIENT_SECRET}"}, [],
+         "FLEX_PROXY_CLIENT_KEYS entry 2: the client name 'none' is reserved"),
+        ({"FLEX_PROXY_API_KEY": SECRET, "FLEX_PROXY_CLIENT_KEYS": f"-x {CLIENT_SECRET}"}, [],
+         "FLEX_PROXY_CLIENT_KEYS entry 1: the client name must be 1-64 letters"),
+        ({"FLEX_PROXY_API_KEY": SECRET, "FLEX_PROXY_CLIENT_KEYS": f"a b {CLIENT_SECRET}"}, [],
+         "FLEX_PROXY_CLIENT_KEYS entry 1: must be a key, or a name, a space and the key"),
         pytest.param(
             {}, ["--max-body-mb", "inf"], "FLEX_PROXY_MAX_BODY_MB",
             id="max-body-mb-inf",
@@ -283,6 +294,8 @@ def test_invalid_setting_exits_with_one_line(
     assert isinstance(message, str)
     assert "\n" not in message
     assert message.startswith("flex-proxy: invalid setting " + expected)
+    # Every error reads "invalid setting NAME: what is wrong", whichever rule found it.
+    assert re.match(r"flex-proxy: invalid setting FLEX_PROXY_[A-Z_]+( entry \d+| line \d+)?: \S", message), message
     assert SECRET not in message and CLIENT_SECRET not in message
 
 

@@ -42,6 +42,8 @@ CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 # test_metric_contract_matches_what_the_proxy_exports holds proxy/metrics.py to it.
 _TIERS = {"flex", "standard", "priority", "other", "none"}
 LABELS: dict[str, set[str]] = {
+    "flexproxy_outcomes_total": {"endpoint", "outcome"},
+    "flexproxy_answered_total": {"endpoint", "requested_tier", "served_tier"},
     "flexproxy_requests_total": {"endpoint", "model", "client", "requested_tier", "served_tier", "outcome"},
     "flexproxy_requests_in_flight": {"endpoint"},
     "flexproxy_upstream_attempts_total": {"endpoint", "tier", "status_class"},
@@ -82,11 +84,11 @@ VALUES: dict[str, set[str]] = {
     "served_tier": _TIERS,
     "endpoint": {"chat", "responses", "compact", "other"},
     "outcome": {
-        "ok", "bad_request", "upstream_error", "flex_unavailable", "rate_limited", "quota", "too_large",
+        "ok", "bad_request", "auth_failed", "upstream_error", "flex_unavailable", "rate_limited", "quota", "too_large",
         "tier_rejected", "server_error", "timeout", "client_deadline", "unreachable", "stream_cut",
-        "client_disconnected", "proxy_error", "spend_cap",
+        "client_disconnected", "proxy_error", "spend_cap", "shutdown",
     },
-    "status_class": {"2xx", "4xx", "429", "5xx", "timeout", "connection_error"},
+    "status_class": {"2xx", "4xx", "429", "5xx", "timeout", "connection_error", "cancelled"},
     "kind": {"input", "cached_input", "output", "reasoning"},
     "result": {"ok", "busy", "error"},
     "to": {"open", "busy"},
@@ -1155,18 +1157,28 @@ def test_dashboard_filters_apply_wherever_the_metric_has_the_label(dashboard: di
                     assert f"all {label}s" in panel["description"].lower(), f"{panel['title']}: say ${label} is moot"
 
 
-def test_flex_share_is_the_share_of_flex_eligible_answered_requests(dashboard: dict[str, Any]) -> None:
-    shares = [p for p in panels_of(dashboard) if p["title"].startswith("Flex share")]
-    assert len(shares) == 2, "a stat for the range and a time series by model"
+@pytest.mark.parametrize(("title", "served"), [("Flex share", ("=", "flex")), ("Fallback rate", ("!=", "flex"))])
+def test_flex_share_and_fallback_rate_are_shares_of_flex_eligible_answered_requests(
+    dashboard: dict[str, Any], title: str, served: tuple[str, str]
+) -> None:
+    """The numerator's requests are among the denominator's, so the share never exceeds 100%; an idle window
+    divides by nothing, which the `> 0` guard turns into no data rather than NaN."""
+    shares = [p for p in panels_of(dashboard) if p["title"].startswith(title)]
+    assert len(shares) == 2, "a stat for the range (the exact counter) and a time series by model (the breakdown)"
     for panel in shares:
         (target,) = panel["targets"]
         numerator, denominator = target["expr"].split(" / ")
+        assert denominator.startswith("(") and denominator.endswith(" > 0)"), "guarded against dividing by 0"
         ((top, n),) = selectors(numerator)
         ((bottom, d),) = selectors(denominator)
-        assert top == bottom == "flexproxy_requests_total"
-        assert n.pop("served_tier") == ("=", "flex") and "served_tier" not in d
-        assert n == d, "the same requests above and below the line, less those flex did not serve"
-        assert d["requested_tier"] == ("=", "flex") and d["outcome"] == ("=", "ok")
+        assert top == bottom
+        assert n.pop("served_tier") == served and "served_tier" not in d
+        assert n == d, "the same requests above and below the line, less those flex did (or did not) serve"
+        assert d["requested_tier"] == ("=", "flex")
+        if top == "flexproxy_requests_total":  # the breakdown counts every ending; answered_total only answers
+            assert d["outcome"] == ("=", "ok")
+        else:
+            assert top == "flexproxy_answered_total" and panel["type"] == "stat"
 
 
 def test_dashboard_queries_are_valid_promql(dashboard: dict[str, Any], tmp_path: Path) -> None:
@@ -1252,8 +1264,9 @@ def test_image_workflow_tests_then_publishes_a_multi_arch_image_on_a_version_tag
 
 def test_metric_contract_matches_what_the_proxy_exports() -> None:
     """The names and labels above are what proxy/metrics.py registers, so dashboards and alerts stay truthful."""
-    from proxy.metrics import Metrics
+    from proxy.metrics import OUTCOMES, STATUS_CLASSES, Metrics
 
+    assert set(OUTCOMES) == VALUES["outcome"] and set(STATUS_CLASSES) == VALUES["status_class"]
     families = list(Metrics().registry.collect())
     exported = {family.name + "_total" if family.type == "counter" else family.name: family for family in families}
     assert {name for name in exported if name.startswith("flexproxy_")} == {
@@ -1265,3 +1278,188 @@ def test_metric_contract_matches_what_the_proxy_exports() -> None:
             assert set(sample.labels) - {"le"} == LABELS[name], f"{sample.name}{sample.labels}"
             for label, value in sample.labels.items():
                 assert label not in VALUES or value in VALUES[label], f"{sample.name}{sample.labels}"
+
+
+# --- Every query against a real proxy's series -------------------------------------------------
+
+# Counters whose every label set the queries name exists at 0 from the proxy's start, so rate() and increase()
+# count the first increment; and those a model family's first request creates at 0, before its first attempt.
+FROM_START = {"flexproxy_outcomes_total", "flexproxy_answered_total", "flexproxy_upstream_attempts_total"}
+AT_FIRST_SIGHT = {
+    "flexproxy_retries_total", "flexproxy_fallbacks_total", "flexproxy_tier_rejections_total",
+    "flexproxy_unread_answers_total", "flexproxy_gate_probes_total", "flexproxy_gate_transitions_total",
+}  # fmt: skip
+RATED = re.compile(r"\b(?:rate|increase)\(\s*([a-z_]+)(\{[^}]*\})?\[")
+# A fresh proxy's /metrics: the series above, the pre-created money of the flex families, the process.
+FRESH_LINES_MAX = 360
+PROXY_WHERE = {"job": "flex-proxy", "namespace": "ai"}
+
+
+def all_queries(dashboard: dict[str, Any], alert_rules: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(where, expression) for every panel target, dashboard variable and alert rule."""
+    queries = [(f"panel target {ref}", expr) for ref, expr in dashboard_exprs(dashboard)]
+    variables = [v for v in dashboard["templating"]["list"] if "definition" in v]
+    queries += [(f"variable {v['name']}", v["definition"]) for v in variables]
+    return queries + [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules]
+
+
+def literal_label_sets(matchers: dict[str, tuple[str, str]]) -> list[dict[str, str]]:
+    """Every combination of the literal values a selector asks for (`a|b` once each; variables and negative
+    matchers constrain nothing here)."""
+    sets: list[dict[str, str]] = [{}]
+    for label, (op, value) in matchers.items():
+        if "$" in value or op not in ("=", "=~") or not re.fullmatch(r"[\w|.]+", value):
+            continue
+        sets = [found | {label: choice} for found in sets for choice in value.split("|")]
+    return sets
+
+
+def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of every sample a real proxy's /metrics serves."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    families = text_string_to_metric_families(text)
+    return [(sample.name, dict(sample.labels), sample.value) for family in families for sample in family.samples]
+
+
+def matching(samples: list[tuple[str, dict[str, str], float]], name: str, wanted: dict[str, str]) -> list[float]:
+    return [value for sample, labels, value in samples if sample == name and wanted.items() <= labels.items()]
+
+
+def test_a_fresh_proxy_has_every_series_the_queries_rate_at_0(
+    make_proxy: Any, sim: Any, dashboard: dict[str, Any], alert_rules: list[dict[str, Any]]
+) -> None:
+    """rate() and increase() lose the increment that creates a series: every label set a panel or an alert
+    rates on the exact counters is there at 0 before the first request, and a family's own series before its
+    first attempt; /metrics stays short all the same."""
+    proxy = make_proxy()
+    fresh = scrape(proxy.url)
+    lines = proxy.metrics().splitlines()
+    assert len(lines) <= FRESH_LINES_MAX, f"a fresh proxy's /metrics has {len(lines)} lines"
+    rated = [(where, name, m) for where, expr in all_queries(dashboard, alert_rules) for name, m in (
+        (match[1], {x[1]: (x[2], x[3]) for x in MATCHER.finditer(match[2] or "")}) for match in RATED.finditer(expr)
+    )]  # fmt: skip
+    checked = 0
+    for where, name, matchers in rated:
+        if name in FROM_START:
+            for wanted in literal_label_sets(matchers):
+                values = matching(fresh, name, wanted)
+                assert values and set(values) == {0.0}, f"{where}: no {name}{wanted} at 0 on a fresh proxy"
+                checked += 1
+    assert checked >= 20
+    assert matching(fresh, "flexproxy_outcomes_total", {"outcome": "auth_failed"})
+    assert matching(fresh, "flexproxy_outcomes_total", {"endpoint": "other", "outcome": "shutdown"}) == [0.0]
+    assert not any(name in AT_FIRST_SIGHT for name, _, _ in fresh), "no family's own series before it is seen"
+
+    proxy.client().chat.completions.create(model="o3", messages=[{"role": "user", "content": "hi"}])
+    seen = scrape(proxy.url)
+    for where, name, matchers in rated:
+        if name in AT_FIRST_SIGHT:
+            for wanted in literal_label_sets(matchers):
+                values = matching(seen, name, wanted | {"model": "o3"})
+                assert values and set(values) == {0.0}, f"{where}: no {name}{wanted} for o3 at its first request"
+    for name, labels in [
+        ("flexproxy_retries_total", {"endpoint": "chat", "reason": "flex_unavailable"}),
+        ("flexproxy_retries_total", {"endpoint": "chat", "reason": "connection"}),
+        ("flexproxy_fallbacks_total", {"endpoint": "chat"}),
+        ("flexproxy_tier_rejections_total", {"endpoint": "chat"}),
+        ("flexproxy_unread_answers_total", {"endpoint": "chat", "tier": "flex"}),
+        ("flexproxy_gate_transitions_total", {"to": "busy"}),
+        ("flexproxy_gate_probes_total", {"result": "ok"}),
+        ("flexproxy_gate_busy", {}),
+    ]:
+        assert matching(seen, name, labels | {"model": "o3"}) == [0.0], (name, labels)
+    # Only where the family was seen: /metrics does not fill up with every endpoint of every model.
+    assert not matching(seen, "flexproxy_retries_total", {"endpoint": "responses"})
+    assert not matching(seen, "flexproxy_retries_total", {"model": "gpt-5"})
+    assert matching(seen, "flexproxy_answered_total", {"endpoint": "chat", "requested_tier": "flex",
+                                                        "served_tier": "flex"}) == [1.0]  # fmt: skip
+    assert matching(seen, "flexproxy_outcomes_total", {"endpoint": "chat", "outcome": "ok"}) == [1.0]
+
+
+def _promtool_series(samples: list[tuple[str, dict[str, str], float]], where: dict[str, str], busy: bool) -> list[
+    dict[str, str]
+]:
+    """promtool input series from scraped samples: counters rising by 1 a minute (busy) or flat at 0 (idle),
+    gauges at the value scraped, each with the target labels Prometheus would add."""
+    series = []
+    for name, labels, value in samples:
+        counter = name.endswith(("_total", "_bucket", "_count", "_sum"))
+        text = ", ".join(f"{key}={json.dumps(val)}" for key, val in sorted((labels | where).items()))
+        values = ("0+1x40" if busy else "0x40") if counter else f"{value:g}x40"
+        series.append({"series": f"{name}{{{text}}}", "values": values})
+    return series
+
+
+def test_every_query_runs_on_the_series_of_real_proxies(
+    make_proxy: Any, sim: Any, dashboard: dict[str, Any], alert_rules: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Every panel, variable and alert query names only metrics and label values real proxies export (one
+    keyed, one in shadow mode, after a little traffic), and promtool evaluates each on their series: with
+    traffic, every panel has data and none is NaN; idle, no panel is NaN and no alert fires."""
+    from proxy.sim import Reply
+
+    messages = [{"role": "user", "content": "hi"}]
+    keyed = make_proxy(api_key="sk-proxy-secret", client_keys=("web ck-web-0123",))
+    client = keyed.client(api_key="ck-web-0123")
+    sim.script(Reply())  # on flex
+    client.chat.completions.create(model="o3", messages=messages)  # type: ignore[arg-type]
+    sim.script(Reply(kind="flex_429"), Reply())  # the gate goes busy; this request goes to standard at once
+    fall_back = keyed.client(api_key="ck-web-0123", default_headers={"X-Flex-On-Unavailable": "standard"})
+    assert fall_back.chat.completions.create(model="o3", messages=messages).service_tier == "default"  # type: ignore[arg-type]
+    sim.script(Reply(kind="flex_429"), Reply())  # a request that waits in the busy gate, then gets flex
+    client.chat.completions.create(model="o3", messages=messages)  # type: ignore[arg-type]
+    sim.script(Reply(kind="server_error"), Reply())  # a retry after a backoff
+    client.responses.create(model="gpt-5", input="hi")
+    sim.script(Reply())
+    client.chat.completions.create(model="gpt-9-preview", messages=messages)  # type: ignore[arg-type]  # unpriced
+    with pytest.raises(Exception, match="401"):
+        keyed.client(api_key="ck-wrong").chat.completions.create(model="o3", messages=messages)  # type: ignore[arg-type]
+    shadow = make_proxy(mode="shadow")
+    sim.script(Reply())
+    shadow.client().chat.completions.create(model="o3", messages=messages)  # type: ignore[arg-type]
+    samples = {"keyed": scrape(keyed.url), "shadow": scrape(shadow.url)}
+    exported = {name for found in samples.values() for name, _, _ in found}
+
+    queries = all_queries(dashboard, alert_rules)
+    for where, expr in queries:
+        for name, _ in selectors(expr):
+            assert name == "up" or name in exported, f"{where}: {name} is not exported by the proxy"
+    values = {"$__rate_interval": "5m", "$__range": "1h"} | {f"${name}": ".*" for name in FILTERS + WHERE_FILTERS}
+
+    def concrete(expr: str) -> str:
+        for variable, value in values.items():
+            expr = expr.replace(variable, value)
+        return expr
+
+    def has_data(expr: str) -> dict[str, Any]:
+        return {"expr": f"(count(({expr})) > bool 0) or vector(0)", "eval_time": "30m", "exp_samples": [{"value": 1}]}
+
+    def no_nan(expr: str) -> dict[str, Any]:
+        return {"expr": f"count(({expr}) != ({expr})) or vector(0)", "eval_time": "30m", "exp_samples": [{"value": 0}]}
+
+    panels = [concrete(expr) for _, expr in dashboard_exprs(dashboard)]
+    alerts = [rule["expr"] for rule in alert_rules]
+    selected = sorted({concrete(m[0]) for _, expr in queries for m in SELECTOR.finditer(expr) if m[1] != "up"})
+    tests = []
+    for busy in (True, False):
+        series = [{"series": f'up{{instance="{name}:8080", job="flex-proxy", namespace="ai"}}', "values": "1x40"}
+                  for name in samples]  # fmt: skip
+        for name, found in samples.items():
+            series += _promtool_series(found, PROXY_WHERE | {"instance": f"{name}:8080", "pod": name}, busy)
+        checks = [no_nan(expr) for expr in panels + alerts]
+        if busy:
+            checks += [has_data(expr) for expr in panels + selected]
+        test: dict[str, Any] = {"name": "busy" if busy else "idle", "interval": "1m", "input_series": series,
+                                "promql_expr_test": checks}  # fmt: skip
+        if not busy:
+            test["alert_rule_test"] = [{"eval_time": "30m", "alertname": rule["alert"], "exp_alerts": []}
+                                       for rule in alert_rules]  # fmt: skip
+        tests.append(test)
+    path = tmp_path / "queries_test.yml"
+    rules = (DEPLOY / "prometheus" / "alerts.yml").resolve()
+    path.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": tests}))
+    result = run(tool("promtool"), "test", "rules", path)
+    assert result.returncode == 0, output(result)[-6000:]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+from datetime import datetime
 
 import httpx
+import openai
 import pytest
 from conftest import ProxyServer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.logs import JsonFormatter
-from proxy.metrics import Metrics
+from proxy.metrics import OUTCOMES, Metrics
 from proxy.sim import Reply, Simulator
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -106,9 +110,11 @@ def test_one_json_log_line_per_request(make_proxy, sim: Simulator, caplog: pytes
     assert line["endpoint"] == "chat" and line["model"] == "o3"
     assert (line["requested_tier"], line["served_tier"], line["attempts"], line["outcome"]) == ("flex", "flex", 2, "ok")
     assert (line["input_tokens"], line["cached_tokens"], line["output_tokens"]) == (1_000_000, 200_000, 500_000)
+    assert line["reasoning_tokens"] == 100_000
     assert line["cost_usd"] == pytest.approx(FLEX_COST) and line["saved_usd"] == pytest.approx(FLEX_COST)
-    assert line["upstream_request_id"].startswith("req_")
+    assert line["upstream_request_id"].startswith("req_") and "request_id" not in line  # upstream's, not ours
     assert line["level"] == "info" and line["ts"].endswith("Z")
+    assert line["client_addr"] == "127.0.0.1"
     assert "secret" not in caplog.text
 
 
@@ -145,3 +151,78 @@ def test_a_request_through_the_proxy_shows_exact_money(proxy: ProxyServer, sim: 
     text = proxy.metrics()
     assert '\nflexproxy_cost_usd_total{client="default",model="o3",tier="flex"} 0.010506\n' in text
     assert '\nflexproxy_cost_saved_usd_total{client="default",model="o3"} 0.010506\n' in text
+
+
+def utc(text: str) -> float:
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_the_log_line_says_when_the_request_started_and_ended(make_proxy, sim: Simulator, caplog) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(log_format="json")
+    sim.script(Reply(delay_s=0.3))
+    before = time.time()
+    with caplog.at_level(logging.INFO, logger="flex_proxy"):
+        proxy.client().chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    after = time.time()
+    (record,) = [r for r in caplog.records if r.name == "flex_proxy.access"]
+    line = json.loads(JsonFormatter().format(record))
+    start, end = utc(line["start"]), utc(line["end"])
+    assert before - 0.002 <= start < end <= after + 0.002
+    assert end - start == pytest.approx(line["duration_ms"] / 1000, abs=0.002)  # the ms of both ends
+    assert line["duration_ms"] >= 300
+
+
+def test_a_bad_key_is_an_auth_failure_of_no_client(make_proxy, sim: Simulator, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Not a bad body of the bare-key client: its own outcome, the reserved client `none`, no tier; its 401 has
+    a request id of the proxy's own, which its log line carries beside the caller's address (never the key)."""
+    proxy = make_proxy(api_key="sk-proxy-secret", client_keys="ck-good-secret")
+    with caplog.at_level(logging.INFO, logger="flex_proxy"):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            proxy.client(api_key="ck-wrong-secret").chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+        # A bad body from a client with a good key stays a bad request, of that client.
+        good_key = {"authorization": "Bearer ck-good-secret"}
+        bad = httpx.post(proxy.base_url + "/chat/completions", content=b"{", headers=good_key)
+    assert bad.status_code == 400
+    assert caught.value.response.headers["x-flex-requested-tier"] == "none"
+    request_id = caught.value.response.headers["x-request-id"]
+    assert re.fullmatch(r"req_flexproxy_[0-9a-f]{24}", request_id)
+    assert proxy.metric("flexproxy_requests_total", outcome="auth_failed", client="none", requested_tier="none",
+                        served_tier="none", model="none") == 1  # fmt: skip
+    assert proxy.metric("flexproxy_requests_total", outcome="bad_request", client="default", requested_tier="none") == 1
+    assert proxy.metric("flexproxy_outcomes_total", endpoint="chat", outcome="auth_failed") == 1
+    assert proxy.metric("flexproxy_outcomes_total", endpoint="chat", outcome="bad_request") == 1
+    lines = [r.fields for r in caplog.records if r.name == "flex_proxy.access"]  # type: ignore[attr-defined]
+    refused = next(line for line in lines if line["outcome"] == "auth_failed")
+    assert refused["status"] == 401 and refused["client"] == "none" and refused["client_addr"] == "127.0.0.1"
+    assert refused["request_id"] == request_id and "upstream_request_id" not in refused
+    assert "secret" not in caplog.text and "secret" not in proxy.metrics()
+    assert sim.requests == []
+
+
+def test_every_outcome_and_answered_pair_is_counted_exactly_once(proxy: ProxyServer, sim: Simulator) -> None:
+    """The exact counters agree with the breakdown: one increment per request, in the right place."""
+    sim.script(Reply(), Reply(kind="quota_429"))
+    ask(proxy, "chat", stream=False)
+    with pytest.raises(openai.RateLimitError):
+        ask(proxy, "responses", stream=False)
+    text = proxy.metrics()
+    outcomes = {o: proxy.metric("flexproxy_outcomes_total", outcome=o) for o in OUTCOMES}
+    assert outcomes == {o: 1.0 if o in ("ok", "quota") else 0.0 for o in OUTCOMES}
+    assert proxy.metric("flexproxy_outcomes_total", endpoint="responses", outcome="quota") == 1
+    assert proxy.metric("flexproxy_answered_total", endpoint="chat", requested_tier="flex", served_tier="flex") == 1
+    assert proxy.metric("flexproxy_answered_total") == 1  # the quota error is no answer
+    assert proxy.metric("flexproxy_requests_total") == sum(outcomes.values())
+    assert text.count("flexproxy_outcomes_total{") == 3 * len(OUTCOMES) + 10  # every pair from start, no new one
+
+
+@pytest.mark.parametrize(("settings", "gate_series"), [({}, True), ({"flex_gate": False}, False),
+                                                       ({"gate_scope": "model+key"}, False)])  # fmt: skip
+def test_a_family_gets_its_gate_series_only_where_a_gate_is_named_after_it(
+    make_proxy, sim: Simulator, settings: dict[str, object], gate_series: bool
+) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(**settings)
+    ask(proxy, "chat", stream=False)
+    text = proxy.metrics()
+    assert ('flexproxy_gate_transitions_total{model="o3",to="busy"} 0.0' in text) is gate_series
+    assert ('flexproxy_fallbacks_total{endpoint="chat",model="o3"} 0.0' in text)  # the family's own, either way

@@ -250,14 +250,37 @@ def test_shadow_mode_changes_no_byte_and_counts_what_flex_would_save(
     assert sim.requests[-1].body == body  # no service_tier, no stream_options: exactly as sent
     sim.script(Reply(usage=USAGE))
     plain = b'{"model":"o3","messages":[{"role":"user","content":"hi"}]}'
-    httpx.post(proxy.base_url + "/chat/completions", content=plain, headers={"authorization": "Bearer k"})
+    answer = httpx.post(proxy.base_url + "/chat/completions", content=plain, headers={"authorization": "Bearer k"})
     assert sim.requests[-1].body == plain
+    # No flex saving was made: no X-Flex-Saved-USD claiming 0; what flex would have saved has its own header.
+    assert "x-flex-saved-usd" not in answer.headers
+    assert float(answer.headers["x-flex-shadow-saved-usd"]) == pytest.approx(O3_STANDARD - O3_FLEX)
+    assert float(answer.headers["x-flex-cost-usd"]) == pytest.approx(O3_STANDARD)
     sim.script(Reply(usage=USAGE))
-    proxy.client().chat.completions.create(model="gpt-4.1", messages=MESSAGES)  # type: ignore[arg-type]
+    raw = proxy.client().chat.completions.with_raw_response.create(model="gpt-4.1", messages=MESSAGES)  # type: ignore[arg-type]
+    assert "x-flex-saved-usd" not in raw.headers and "x-flex-shadow-saved-usd" not in raw.headers  # no flex for it
+    assert "x-flex-cost-usd" in raw.headers
     # The streamed request asked for no usage, so only the non-streamed o3 answer can be priced; gpt-4.1 has no flex.
     assert proxy.metric("flexproxy_shadow_savings_usd_total", model="o3") == pytest.approx(O3_STANDARD - O3_FLEX)
     assert proxy.metric("flexproxy_shadow_savings_usd_total", model="gpt-4.1") == 0
     assert proxy.metric("flexproxy_cost_saved_usd_total") == 0
+    # ...and the stream is not silently left out: it is counted as an answer that could not be priced.
+    assert proxy.metric("flexproxy_unpriced_responses_total", model="o3", tier="standard") == 1
+    assert proxy.metric("flexproxy_unpriced_responses_total") == 1
+
+
+def test_a_stream_sent_as_it_came_is_counted_unpriced_outside_shadow_mode_too(
+    proxy: ProxyServer, sim: Simulator
+) -> None:
+    """X-Flex-Tier: off sends the body untouched, so a chat stream that did not ask for usage has none."""
+    stream = proxy.client(default_headers={"X-Flex-Tier": "off"}).chat.completions.create(
+        model="o3", messages=MESSAGES, stream=True  # type: ignore[arg-type]
+    )
+    assert list(stream)
+    assert proxy.metric("flexproxy_unpriced_responses_total", model="o3", tier="standard") == 1
+    assert proxy.metric("flexproxy_cost_usd_total") == 0
+    proxy.client().chat.completions.create(model="o3", messages=MESSAGES, stream=False)  # type: ignore[arg-type]
+    assert proxy.metric("flexproxy_unpriced_responses_total") == 1  # an answer with usage is priced
 
 
 @pytest.mark.parametrize("fall_back", [False, True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 
 import httpx
 import openai
@@ -351,12 +352,51 @@ def test_bad_header_values_are_client_errors(proxy: ProxyServer) -> None:
 
 
 def test_oversized_body_is_refused(make_proxy, sim: Simulator) -> None:  # type: ignore[no-untyped-def]
-    proxy = make_proxy(max_body_mb=1)
+    proxy = make_proxy(max_body_mb=1.5)
     with pytest.raises(openai.APIStatusError) as caught:
         proxy.client().chat.completions.create(model="o3", messages=[{"role": "user", "content": "x" * 2_000_000}])
     assert caught.value.status_code == 413
     assert caught.value.code == "request_too_large"
+    # The limit in the unit it is set in, and the setting that raises it.
+    assert caught.value.message.endswith("larger than this proxy's limit of 1.5 MiB (FLEX_PROXY_MAX_BODY_MB).")
+    declared = httpx.post(proxy.base_url + "/chat/completions", content=b"{" * (2 * 1024 * 1024),
+                          headers={"authorization": "Bearer k"})  # fmt: skip
+    assert declared.status_code == 413 and "1.5 MiB (FLEX_PROXY_MAX_BODY_MB)" in declared.json()["error"]["message"]
     assert sim.requests == []
+
+
+def test_errors_the_proxy_makes_carry_a_request_id_its_log_line_repeats(
+    make_proxy, sim: Simulator, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    proxy = make_proxy(max_body_mb=1)
+    down = make_proxy(upstream_base_url="http://127.0.0.1:9/v1", max_retries=0)
+    with caplog.at_level(logging.INFO, logger="flex_proxy"):
+        key = {"authorization": "Bearer k"}
+        answers = {
+            "bad_request": httpx.post(proxy.base_url + "/chat/completions", content=b"{", headers=key),
+            "too_large": httpx.post(proxy.base_url + "/responses", content=b"x" * 2_000_000),
+            "invalid_path": httpx.get(proxy.base_url + "/files/%2e%2e/models"),
+            "unreachable": httpx.post(down.base_url + "/chat/completions", json={"model": "o3", "messages": MESSAGES}),
+            "passthrough_unreachable": httpx.get(down.base_url + "/models"),
+        }
+        unknown = {"model": "no-such-model", "messages": MESSAGES}
+        upstreams_own = httpx.post(proxy.base_url + "/chat/completions", json=unknown)
+    lines = [r.fields for r in caplog.records if r.name == "flex_proxy.access"]  # type: ignore[attr-defined]
+    ids = set()
+    for what, answer in answers.items():
+        assert answer.status_code >= 400 and answer.headers["x-should-retry"] == "false", what
+        request_id = answer.headers["x-request-id"]
+        assert request_id.startswith("req_flexproxy_") and len(request_id) == len("req_flexproxy_") + 24, what
+        (line,) = [line for line in lines if line.get("request_id") == request_id]
+        assert line["status"] == answer.status_code and "upstream_request_id" not in line, what
+        ids.add(request_id)
+    assert len(ids) == len(answers), "a new id for each error"
+    # An error upstream made keeps upstream's own id, under its own name in the log.
+    assert upstreams_own.status_code == 404
+    theirs = upstreams_own.headers["x-request-id"]
+    assert theirs.startswith("req_") and not theirs.startswith("req_flexproxy_")
+    (line,) = [line for line in lines if line.get("upstream_request_id") == theirs]
+    assert "request_id" not in line
 
 
 def test_eight_megabyte_body_goes_through(proxy: ProxyServer, sim: Simulator) -> None:

@@ -53,7 +53,8 @@ def test_totals_equal_the_prometheus_counters(make_proxy: Callable[..., ProxySer
     assert web["saved_nusd"] == 3 * O3_FLEX_NUSD and web["lost_nusd"] == O3_STANDARD_NUSD - O3_FLEX_NUSD
     assert web["cost_nusd"] == 3 * O3_FLEX_NUSD + O3_STANDARD_NUSD
     assert web["saved_usd"] == 0.010506 and web["savings_lost_usd"] == 0.003502  # exact, as /metrics shows them
-    assert {row["client"] for row in data["today"]["by_client"]} == {"web", "batch", "default"}  # default: the 401
+    # none: the 401, refused before any client key was accepted (a name no client may take)
+    assert {row["client"] for row in data["today"]["by_client"]} == {"web", "batch", "none"}
     assert data["today"]["by_client"][0]["client"] == "web"  # most saved first
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import textwrap
 
 from aiohttp import web
 
@@ -13,11 +14,24 @@ from .options import SimOptions
 from .simulator import Simulator
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once (a help text that already says its default keeps its own words); wraps at spaces
+    only, so flags such as --flex-busy stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flex-proxy simulate",
         description="A fake OpenAI API with flex behaviour, to try flex-proxy without an OpenAI key.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Formatter,
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on")
@@ -26,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flex-busy", type=float, default=0.3, help="share of time windows in which flex is busy")
     add("--burst-s", type=float, default=5.0, help="length of one capacity window, in seconds")
     add("--busy-reject", type=float, default=1.0, help="share of flex requests refused in a busy window")
-    add("--busy-period-s", type=float, default=0.0, help="a fixed pattern instead: flex busy at the start of every "
-        "period of this many seconds, from the start or the last /_sim/reset (0: no pattern)")  # fmt: skip
+    add("--busy-period-s", type=float, default=0.0, help="a fixed pattern besides the random windows of --flex-busy "
+        "(add --flex-busy 0 for the pattern alone): flex busy at the start of every period of this many seconds, "
+        "from the start or the last /_sim/reset (0: no pattern)")  # fmt: skip
     add("--busy-for-s", type=float, default=0.0, help="with --busy-period-s: how long flex is busy in each period")
     add("--rate-limit", type=float, default=0.0, help="share of requests answered 429 rate_limit_exceeded")
     add("--rate-limit-retry-ms", type=int, default=200, help="retry-after-ms sent with rate-limit 429s")
