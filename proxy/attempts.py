@@ -12,12 +12,13 @@ from multidict import CIMultiDict
 
 from . import policy
 from .accounting import Record
-from .errors import DeadlineExceeded, FlexBusy, UpstreamError, UpstreamTimeout
+from .errors import DeadlineExceeded, FlexBusy, SpendCapReached, UpstreamError, UpstreamTimeout
 from .gate import FlexGate, Pass, Result
 from .metrics import status_class, tier_label
 from .policy import Limits, Outcome, Progress, Step
 from .rewrite import DROP, Body
 from .services import Services
+from .spend import Verdict
 from .streaming import SSEDecoder, StreamState, json_object
 from .tiers import TierDecision
 from .upstream import UpstreamResponse
@@ -94,6 +95,8 @@ class Attempts:
                     if policy.after_flex_wait(limits, clock()).step is not Step.FALLBACK:
                         return self._out_of_time()
                     self._fall_back()
+                if not self.on_flex and not await self._standard_allowed():
+                    return self._out_of_time(capped=True)
                 result, outcome, action = await self._try()
                 if action.step is Step.ANSWER:
                     return self._final(result)
@@ -155,12 +158,26 @@ class Attempts:
         result.flex_pass, self.flex_pass = self.flex_pass, None
         return result
 
-    def _out_of_time(self) -> Answer:
-        """Flex did not open up in time and the strategy does not fall back: the last flex 429, else ours."""
+    def _out_of_time(self, capped: bool = False) -> Answer:
+        """Flex did not open up in time and the strategy does not fall back, or the client's standard spend cap
+        forbids the fallback: the last flex 429, else ours (or the cap's)."""
         answer, self.last_429 = self.last_429, None
-        if answer is None:
-            raise FlexBusy("Flex capacity stayed unavailable for as long as this request could wait.")
-        return answer
+        if answer is not None:
+            return answer
+        if capped:
+            tab = self.job.rec.spend
+            cap = tab.cap / 1e9 if tab is not None and tab.cap is not None else None
+            raise SpendCapReached(self.job.rec.client, cap, pending=tab is not None and tab.verdict is not Verdict.OVER)
+        raise FlexBusy("Flex capacity stayed unavailable for as long as this request could wait.")
+
+    async def _standard_allowed(self) -> bool:
+        """Before every standard-tier send (the first, a fallback, a re-send after a tier rejection): the client's
+        daily spend cap, counted across the fleet, with this send's cost held; near the cap it waits for the
+        client's sends in flight to be priced, while its deadline allows."""
+        tab, limits, clock = self.job.rec.spend, self.job.limits, self.s.clock
+        if tab is None:
+            return True
+        return await tab.allowed(limits.deadline - clock() - limits.standard_reserve_s, clock)
 
     async def _next(self, action: policy.Action, outcome: Outcome, result: Answer | UpstreamError) -> None:
         """Close this attempt, then carry out a wait in the gate, a retry, a tier drop or a fallback, sleeping

@@ -216,6 +216,10 @@ class ProxyApp:
         )
         try:
             answer = await Attempts(services, job).run()
+        except SpendCapReached as exc:  # a fallback the client's cap forbids, and no flex 429 to answer with
+            over = rec.spend.verdict is Verdict.OVER
+            await _refuse(out, rec, exc, services.spend.seconds_to_midnight() if over else 1)
+            return
         except UpstreamError as exc:
             rec.outcome = exc.outcome
             rec.status = exc.status

@@ -4,6 +4,7 @@ shadow mode and cost headers end to end through the official SDK."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -210,6 +211,37 @@ def test_the_standard_spend_cap_holds(make_proxy: Callable[..., ProxyServer], si
     assert caught.value.code == "standard_spend_cap"
     assert [r.tier for r in sim.requests] == ["flex", "auto", "flex", "flex"]
     assert proxy.metric("flexproxy_cost_usd_total", client="team", tier="standard") == pytest.approx(O3_STANDARD)
+
+
+def test_a_fallback_is_checked_against_the_cap_when_it_is_sent(
+    make_proxy: Callable[..., ProxyServer], sim: Simulator, tmp_path: Path
+) -> None:
+    """The cap is checked before every standard send, not only at admission: a flex request admitted under the cap
+    waits in the gate while another request of the same client spends past it; its fallback is then refused and
+    the client gets the flex 429 instead of a standard answer past its cap."""
+    policy_file = write(tmp_path, "[clients.team]\nstandard_spend_cap_usd = 5.0\n")
+    proxy = make_proxy(api_key="sk-upstream", client_keys="team ck-team", policy_file=policy_file,
+                       flex_budget_s=1.5, gate_probe_initial_s=5, gate_probe_max_s=5)  # fmt: skip
+    client = sdk(proxy, "ck-team")
+    sim.script(Reply(kind="flex_429"), Reply(usage=USAGE))
+    waiting = threading.Thread(target=lambda: errors.append(_raises(client)))
+    errors: list[BaseException | None] = []
+    waiting.start()  # its flex 429 makes the gate busy; it waits for flex for 1.5 s
+    assert sim.wait_for(lambda: len(sim.requests) == 1, 5)
+    standard = proxy.client(api_key="ck-team", default_headers={"X-Flex-Tier": "off"})
+    assert standard.chat.completions.create(model="o3", messages=MESSAGES).service_tier == "default"  # type: ignore[arg-type]
+    waiting.join(10)
+    assert isinstance(errors[0], openai.RateLimitError) and errors[0].code == "resource_unavailable"
+    assert [r.tier for r in sim.requests] == ["flex", None]  # the fallback never went
+    assert proxy.metric("flexproxy_cost_usd_total", client="team", tier="standard") == pytest.approx(O3_STANDARD)
+
+
+def _raises(client: openai.OpenAI) -> BaseException | None:
+    try:
+        client.chat.completions.create(model="o3", messages=MESSAGES)  # type: ignore[arg-type]
+    except openai.APIError as exc:
+        return exc
+    return None
 
 
 def test_a_capped_clients_streamed_off_answers_are_priced_and_count_against_the_cap(
