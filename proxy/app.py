@@ -16,9 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import Authorizer
 from .config import Settings
 from .control import control_app
+from .fleet import Fleet
 from .fleet_ledger import FleetLedger
 from .fleet_spend import FleetSpend
-from .gate import GateConfig, Gates
+from .gate import GateConfig, Gates, Reporter
 from .ledger import Ledger
 from .logs import AccessLog
 from .metrics import Metrics
@@ -63,20 +64,6 @@ def create_app(
             settings.tcp_keepalive_idle_s, settings.tcp_keepalive_interval_s, settings.tcp_keepalive_count
         ),
     )
-    gates = None
-    if settings.flex_gate:
-        config = GateConfig(
-            probe_initial_s=settings.gate_probe_initial_s,
-            probe_max_s=max(settings.gate_probe_max_s, settings.gate_probe_initial_s),
-            probe_min_s=settings.min_backoff_s,
-            accept_after_s=settings.gate_accept_s,
-            spell_share=settings.gate_spell_share,
-            max_retry_after_s=settings.max_retry_after_s,
-            max_waiting=settings.gate_max_waiting,
-            max_in_flight=settings.flex_max_in_flight,
-        )
-        gates = Gates(config, clock, GateMetrics(metrics))
-    observed = Observed(settings.standard_reserve_s, settings.standard_reserve_min_s, settings.standard_reserve_max_s)
     shared: SharedState | None = None
     fleet_spend: FleetSpend | None = None
     fleet_ledger: FleetLedger | None = None
@@ -88,6 +75,25 @@ def create_app(
             on_health=lambda up: metrics.shared_state_up.set(1 if up else 0),
         )
         fleet_spend, fleet_ledger = FleetSpend(shared, wall), FleetLedger(Ledger(wall()), shared)
+    gates = None
+    fleet: Fleet | None = None
+    if settings.flex_gate:
+        config = GateConfig(
+            probe_initial_s=settings.gate_probe_initial_s,
+            probe_max_s=max(settings.gate_probe_max_s, settings.gate_probe_initial_s),
+            probe_min_s=settings.min_backoff_s,
+            accept_after_s=settings.gate_accept_s,
+            spell_share=settings.gate_spell_share,
+            max_retry_after_s=settings.max_retry_after_s,
+            max_waiting=settings.gate_max_waiting,
+            max_in_flight=settings.flex_max_in_flight,
+            needs_lease=shared is not None,
+        )
+        reporter: Reporter = GateMetrics(metrics)
+        if shared is not None:  # the gates of every process that shares the state act as one
+            reporter = fleet = Fleet(shared, reporter, rand)
+        gates = Gates(config, clock, reporter)
+    observed = Observed(settings.standard_reserve_s, settings.standard_reserve_min_s, settings.standard_reserve_max_s)
     services = Services(
         settings=settings,
         upstream=upstream,
@@ -112,6 +118,8 @@ def create_app(
         await upstream.start()
         sampler = asyncio.get_running_loop().create_task(sample_loop_lag(metrics.loop_lag))
         if shared is not None and fleet_spend is not None and fleet_ledger is not None:
+            if fleet is not None and gates is not None:
+                fleet.attach(gates)  # before the start, so the first catch-up reads the fleet's gates
             await shared.start()  # local mode when Redis does not answer: start-up waits one timeout at most
             await fleet_spend.start()
             await fleet_ledger.start()
@@ -123,6 +131,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
             if shared is not None and fleet_spend is not None and fleet_ledger is not None:
+                if fleet is not None:
+                    await fleet.close()
                 await fleet_spend.close()  # what waits to be written goes now, bounded by the timeout
                 await fleet_ledger.close()
                 await shared.close()

@@ -48,6 +48,7 @@ class GateConfig:
     max_in_flight: int = 0  # flex requests in flight per gate; 0 = no cap
     spell_share: float = 0.8  # no probe before this share of the shortest recent busy spell has passed (0: off)
     spells_kept: int = 8  # busy spells remembered
+    needs_lease: bool = False  # in a fleet: a probe needs the fleet's lease (see proxy/fleet.py)
 
 
 @dataclass(eq=False)
@@ -85,11 +86,12 @@ class GateState:
     transitions: list[State] = field(default_factory=list)  # for the caller to report, then clear
     # In a fleet (shared state), a probe needs the fleet's lease: one probe per gate at a time across processes.
     needs_lease: bool = False
-    leased: bool = False  # the lease is held for the next probe (good for one)
+    leased_until: float = 0.0  # the lease is held for the next probe (good for one) until then
     lease_wanted: bool = False  # a probe is due and waits for the lease: for the caller to ask, then clear
 
     def __post_init__(self) -> None:
         self.spells = deque(self.spells, maxlen=max(1, self.config.spells_kept))
+        self.needs_lease = self.needs_lease or self.config.needs_lease
 
     def admit(self) -> bool:
         """The open path: go now, without waiting, when the gate is open, nobody waits and the cap allows."""
@@ -198,10 +200,10 @@ class GateState:
             if self.verdict is None and self.queue and room > 0:
                 if now < self.next_probe_at:
                     return released, self.next_probe_at
-                if self.needs_lease and not self.leased:
+                if self.needs_lease and now >= self.leased_until:
                     self.lease_wanted = True  # the caller asks the fleet, and looks again with its answer
                     return released, None
-                self.leased = False
+                self.leased_until = 0.0
                 # The probe is a real request: the one that has waited longest.
                 waiter = self.queue.pop(0)
                 waiter.probe = True
@@ -379,6 +381,9 @@ class FlexGate:
     def pump(self) -> None:
         """Let through whoever may go now (after the fleet answered a lease request, say)."""
         self._pump()
+
+    def now(self) -> float:
+        return self._clock()
 
     def done(self, waiter: Waiter | None) -> None:
         core = self.core

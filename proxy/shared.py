@@ -230,7 +230,7 @@ class SharedState:
         self._health = Health("shared", self._wall(), self._health.last_error, self.where)
         self._on_health(True)
         if first:
-            LOG.info("shared state connected (%s): spend caps and the daily ledger are shared", self.where)
+            LOG.info("shared state connected (%s): flex gates, spend caps and the daily ledger shared", self.where)
         else:
             LOG.info("shared state answers again (%s): shared mode", self.where)
         for callback in self._on_up:

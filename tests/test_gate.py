@@ -69,8 +69,8 @@ def test_in_a_fleet_a_due_probe_waits_for_the_lease_and_a_lease_is_good_for_one(
     gate.enqueue(b)
     assert gate.due(0.1) == ([], pytest.approx(0.25))  # not due yet: no lease asked for
     assert gate.due(1.0) == ([], None) and gate.lease_wanted  # due: the caller asks the fleet
-    gate.lease_wanted, gate.leased = False, True
-    assert gate.due(1.0)[0] == [a] and not gate.leased
+    gate.lease_wanted, gate.leased_until = False, 2.0
+    assert gate.due(1.0)[0] == [a] and gate.leased_until == 0.0
     gate.record(Result.BUSY, a, now=1.1, retry_after=None, rand=1.0)
     assert gate.due(5.0) == ([], None) and gate.lease_wanted  # the next probe needs the lease again
 
