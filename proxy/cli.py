@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import difflib
 import errno
 import gc
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import textwrap
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
@@ -276,6 +278,20 @@ def environment_warnings(environ: Mapping[str, str], settings: Settings) -> list
     return []
 
 
+def grace_warnings(settings: Settings, longest_request_s: float) -> list[str]:
+    """A drain shorter than the longest a request may wait for its answer cuts paid work at every restart."""
+    if settings.shutdown_grace_s >= longest_request_s:
+        return []
+    grace = f"{settings.shutdown_grace_s:g} s"
+    return [
+        f"{env_name('shutdown_grace_s')} ({grace}) is shorter than the longest a request may wait for its answer "
+        f"({longest_request_s:g} s, {env_name('request_budget_s')} or a policy's request_budget_s): on SIGTERM, "
+        f"requests still in flight after {grace} are cut, and upstream may bill their work. Raise it, and keep the "
+        "orchestrator's grace period (terminationGracePeriodSeconds, stop_grace_period) above it plus "
+        f"{env_name('drain_delay_s')}"
+    ]
+
+
 def key_mode(settings: Settings) -> str:
     """client-keys: clients show one of ours and get the proxy's key; own-key: the proxy's key for requests
     without one; pass-through: each client's own key goes upstream."""
@@ -362,22 +378,44 @@ def _count_prices(path: Path | None) -> int:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, which says once that it is listening, after the app's start-up completed."""
+    """uvicorn's server, which says once that it is listening, after the app's start-up completed, and on SIGTERM
+    keeps its listener open for `drain_delay_s` while /readyz answers 503, so load balancers stop sending first."""
 
-    def __init__(self, config: uvicorn.Config, announce: Any) -> None:
+    def __init__(
+        self, config: uvicorn.Config, announce: Callable[[], None], drain_delay_s: float = 0.0,
+        on_drain: Callable[[float], None] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(config)
         self.announce = announce
+        self.drain_delay_s = drain_delay_s
+        self.on_drain = on_drain
+        self.stop_signal: int | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self.announce()
 
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        if not self.should_exit:
+            self.stop_signal = sig
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn runs the app's lifespan shutdown only after the drain: say "not ready" as the drain begins.
         services = getattr(self.config.app, "services", None)
         if services is not None:
             services.draining = True
+        # uvicorn closes the listener at once; a load balancer that has not yet seen /readyz fail would have its
+        # next connections refused. Only on SIGTERM (what orchestrators send): Ctrl-C at a terminal stops at once.
+        delay = self.drain_delay_s if self.stop_signal == signal.SIGTERM else 0.0
+        if delay > 0:
+            if self.on_drain is not None:
+                self.on_drain(delay)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + delay
+            while not self.force_exit and (left := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(0.1, left))  # a second Ctrl-C (force_exit) ends the wait
         await super().shutdown(sockets)
 
 
@@ -478,6 +516,16 @@ def main(argv: list[str] | None = None) -> int:
     def announce() -> None:
         _log(settings.log_format, logging.INFO, "flex-proxy started", started_fields(settings, sockets, prices))
 
+    def on_drain(delay: float) -> None:
+        fields = {"readyz": 503, "listener_closes_in_s": delay, "then_in_flight_may_take_s": settings.shutdown_grace_s}
+        _log(settings.log_format, logging.INFO, "flex-proxy draining", fields)
+
+    longest = max(policy.request_budget_s for policy in app.services.policies.policies.values())
+    for warning in grace_warnings(settings, longest):
+        _log(settings.log_format, logging.WARNING, warning)
     _tune_gc()
-    _Server(config, announce).run(sockets=sockets)
+    try:
+        _Server(config, announce, settings.drain_delay_s, on_drain).run(sockets=sockets)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has drained on: done, not a crash to trace
+        return 130
     return 0

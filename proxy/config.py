@@ -203,7 +203,13 @@ class Settings(BaseSettings):
     prices_file: Path | None = Field(None, description="JSON price file that extends or replaces the packaged table")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text or json; json makes every line JSON")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may take")
+    shutdown_grace_s: float = Field(
+        900.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish (as long as a request may)"
+    )
+    drain_delay_s: float = Field(
+        5.0, ge=0, le=300,
+        description="on SIGTERM, how long to keep accepting with /readyz answering 503 before closing the listener",
+    )  # fmt: skip
     state_url: SecretStr | None = Field(
         None, description="redis:// or rediss:// URL of the state a fleet shares (password and database in it); "
         "unset: each process keeps its own (environment only)",

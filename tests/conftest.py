@@ -133,3 +133,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "needs(*tools): skip, naming the tool and how to install it, when one of these programs is missing"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from tools import need
+
+    for marker in item.iter_markers("needs"):
+        for name in marker.args:
+            need(name)

@@ -22,6 +22,7 @@ import pytest
 from proxy.cli import (
     COMMANDS,
     environment_warnings,
+    grace_warnings,
     is_secret,
     key_mode,
     listen,
@@ -41,7 +42,8 @@ DATED = "-20[0-9][0-9]-[0-9][0-9]-[0-9][0-9]"
 def _env(**extra: str) -> dict[str, str]:
     """This environment without FLEX_PROXY_* settings, plus the test's own."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEX_PROXY_")}
-    return env | {"FLEX_PROXY_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1"} | extra
+    # No drain delay: these processes are stopped with SIGTERM, and nothing polls their /readyz.
+    return env | {"FLEX_PROXY_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1", "FLEX_PROXY_DRAIN_DELAY_S": "0"} | extra
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -266,6 +268,27 @@ def test_old_named_keys_get_one_warning_by_position_only() -> None:
     assert warning.startswith("FLEX_PROXY_CLIENT_KEYS entry 2, FLEX_PROXY_CLIENT_KEYS entry 3, ")
     assert "entry 6 and 2 more: `name=key` no longer names a key" in warning
     assert "secret" not in warning and "team" not in warning and "q3Mx" not in warning
+
+
+def test_a_drain_shorter_than_the_longest_request_is_warned_about() -> None:
+    assert grace_warnings(Settings(), Settings().request_budget_s) == [], "the defaults agree with each other"
+    assert grace_warnings(Settings(shutdown_grace_s=900), 900) == []  # at the bound: no warning
+    (warning,) = grace_warnings(Settings(shutdown_grace_s=30), 900)
+    assert warning.startswith("FLEX_PROXY_SHUTDOWN_GRACE_S (30 s) is shorter than the longest a request may wait")
+    assert "(900 s, FLEX_PROXY_REQUEST_BUDGET_S or a policy's request_budget_s)" in warning
+    assert "terminationGracePeriodSeconds" in warning and "FLEX_PROXY_DRAIN_DELAY_S" in warning
+
+
+def test_the_start_up_warns_of_a_drain_shorter_than_a_policy_allows(tmp_path: Path) -> None:
+    """The longest request is the longest budget of any policy, not only the settings' own."""
+    policies = tmp_path / "policies.toml"
+    policies.write_text('default = "batch"\n\n[policies.batch]\nrequest_budget_s = 1800\n')
+    proxy = Running("--port", "0", "--policy-file", str(policies))
+    try:
+        proxy.wait_for(r"WARNING FLEX_PROXY_SHUTDOWN_GRACE_S \(900 s\) is shorter than .* \(1800 s, ")
+        proxy.wait_for(r"INFO flex-proxy started")
+    finally:
+        proxy.stop()
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def test_sigterm_lets_in_flight_requests_finish(sim_server: SimServer, sim: Simu
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")}
     env |= {"FLEX_PROXY_UPSTREAM_BASE_URL": sim_server.base_url, "FLEX_PROXY_PORT": str(port)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "--shutdown-grace-s", "10"],
+        [sys.executable, "-m", "proxy", "--shutdown-grace-s", "10", "--drain-delay-s", "0"],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -126,6 +126,71 @@ def test_sigterm_lets_in_flight_requests_finish(sim_server: SimServer, sim: Simu
             process.kill()
         output = process.communicate()[0]
     assert "Traceback" not in output
+
+
+def _start(sim_server: SimServer, tmp_path, *args: str) -> tuple[subprocess.Popen[str], int]:  # type: ignore[no-untyped-def]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")}
+    env |= {"FLEX_PROXY_UPSTREAM_BASE_URL": sim_server.base_url, "FLEX_PROXY_PORT": str(port)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    if not wait_until(lambda: _healthy(f"http://127.0.0.1:{port}")):
+        process.kill()
+        raise AssertionError("proxy did not start:\n" + process.communicate()[0])
+    return process, port
+
+
+def _readyz(url: str) -> int | None:
+    """/readyz's status, or None when no connection can be made."""
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code
+    except httpx.ConnectError:
+        return None
+
+
+def test_sigterm_answers_readyz_503_on_an_open_listener_for_the_drain_delay_then_exits(
+    sim_server: SimServer, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    """A load balancer polling /readyz must see 503 before connections are refused (FLEX_PROXY_DRAIN_DELAY_S)."""
+    process, port = _start(sim_server, tmp_path, "--drain-delay-s", "2", "--shutdown-grace-s", "10")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert _readyz(url) == 200
+        process.send_signal(signal.SIGTERM)
+        seen: list[int | None] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and process.poll() is None:  # every answer until the listener goes
+            seen.append(_readyz(url))
+            if seen[-1] is None:
+                break
+            time.sleep(0.1)
+        answered = [status for status in seen if status is not None]
+        # Still accepting after SIGTERM, every answer a 503, then refused: the order a load balancer needs.
+        assert len(answered) >= 5 and set(answered[1:]) == {503}, seen
+        assert seen[-1] is None or process.poll() is not None, seen
+        assert process.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+    assert "flex-proxy draining" in output and "listener_closes_in_s=2" in output, output
+    assert "Traceback" not in output
+
+
+def test_ctrl_c_skips_the_drain_delay(sim_server: SimServer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """At a terminal nobody polls /readyz: SIGINT closes the listener at once, whatever the delay."""
+    process, port = _start(sim_server, tmp_path, "--drain-delay-s", "60")
+    try:
+        process.send_signal(signal.SIGINT)
+        assert wait_until(lambda: not _accepts(port), timeout=5.0)
+        assert process.wait(15) == 130  # the shell's status for Ctrl-C, without a traceback
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+    assert "flex-proxy draining" not in output and "Traceback" not in output, output
 
 
 def _accepts(port: int) -> bool:
