@@ -51,6 +51,10 @@ ENV PATH=/opt/flex-proxy/bin:$PATH \
     FLEX_PROXY_PORT=8080
 
 USER 10001:10001
+# One port for everything: /v1 for clients, /metrics for Prometheus, and the control plane (the savings page at /,
+# /flex/*, /docs). The control plane answers callers on the container's loopback without a key (kubectl
+# port-forward, `docker exec CONTAINER flex-proxy report --url http://127.0.0.1:8080`); through a published port
+# the caller is not on loopback, so set FLEX_PROXY_ADMIN_KEY and send it as a bearer or at the page's login.
 EXPOSE 8080
 
 # slim has no curl; the probe is stdlib urllib and ignores HTTP(S)_PROXY meant for the upstream.

@@ -74,7 +74,8 @@ def _env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
         ("prices_file", None),
         ("log_level", "info"),
         ("log_format", "text"),
-        ("shutdown_grace_s", 30.0),
+        ("shutdown_grace_s", 900.0),  # the request budget: a restart cuts no request that may still be answered
+        ("drain_delay_s", 5.0),
     ],
 )
 def test_defaults(field: str, value: Any) -> None:
@@ -146,6 +147,9 @@ def test_prices_file_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path:
         ({"FLEX_PROXY_TCP_KEEPALIVE_INTERVAL_S": "-15"}, "tcp_keepalive_interval_s", "greater than or equal to 1"),
         ({"FLEX_PROXY_TCP_KEEPALIVE_COUNT": "128"}, "tcp_keepalive_count", "less than or equal to 127"),
         ({"FLEX_PROXY_TCP_KEEPALIVE_COUNT": "0"}, "tcp_keepalive_count", "greater than or equal to 1"),
+        ({"FLEX_PROXY_DRAIN_DELAY_S": "301"}, "drain_delay_s", "less than or equal to 300"),
+        ({"FLEX_PROXY_DRAIN_DELAY_S": "-0.1"}, "drain_delay_s", "greater than or equal to 0"),
+        ({"FLEX_PROXY_DRAIN_DELAY_S": "inf"}, "drain_delay_s", "finite number"),
     ],
 )
 def test_invalid_environment(
@@ -157,6 +161,12 @@ def test_invalid_environment(
     error = info.value.errors()[0]
     assert error["loc"] == ((field,) if field else ())
     assert message in error["msg"]
+
+
+@pytest.mark.parametrize("value", ["0", "300"])
+def test_drain_delay_at_its_bounds(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    _env(monkeypatch, {"FLEX_PROXY_DRAIN_DELAY_S": value})
+    assert Settings().drain_delay_s == float(value)
 
 
 @pytest.mark.parametrize(

