@@ -848,9 +848,28 @@ def test_no_literal_key_anywhere_in_deploy_or_compose(rendered: dict[str, tuple[
 # empty, a variable, a <placeholder>, or one of the demo's words (the simulator accepts any key).
 KEY_LIKE = re.compile(r"\b(?:sk|ck)-[A-Za-z0-9]")
 KEY_ASSIGNED = re.compile(
-    r"\b(FLEX_PROXY_(?:API_KEY|CLIENT_KEYS|ADMIN_KEY)|OPENAI_API_KEY)\b[\"']?[ \t]*[=:][ \t]*[\"']?([^\s\"'`,)]*)"
+    r"\b(FLEX_PROXY_(?:API_KEY|CLIENT_KEYS|ADMIN_KEY)|OPENAI_API_KEY)\b[\"']?[ \t]*[=:][ \t]*"
+    r"(?:'([^'\n]*)'|\"([^\"\n]*)\"|([^\s\"'`)]*))"
 )
 DEMO_WORDS = {"", "unused", "demo", "simulator-accepts-anything"}
+
+
+def assigned_keys(text: str) -> list[tuple[str, str]]:
+    """(variable, key) for each key given to a key variable: every entry of a list, named or not."""
+    found = []
+    for name, *values in KEY_ASSIGNED.findall(text):
+        for entry in "".join(values).split(","):
+            entry = entry.strip()
+            if entry.startswith(("$", "<", "{")):  # a variable or a placeholder, whatever follows
+                found.append((name, entry))
+                continue
+            key = entry.split(None, 1)[1].strip() if len(entry.split(None, 1)) == 2 else entry  # `name key`
+            found.append((name, re.sub(r"^[A-Za-z0-9_.-]+=(?=[<$])", "", key)))  # the old `name=<key>`
+    return found
+
+
+def is_placeholder(key: str) -> bool:
+    return key.startswith(("$", "<", "{")) or key in DEMO_WORDS
 
 
 def documents_a_user_reads() -> list[Path]:
@@ -864,11 +883,8 @@ def test_no_key_like_value_a_reader_might_paste_as_real() -> None:
         text = path.read_text(errors="replace")
         where = path.relative_to(ROOT)
         assert not KEY_LIKE.search(text), f"{where}: {KEY_LIKE.search(text)[0]!r} looks like a key"  # type: ignore[index]
-        for name, value in KEY_ASSIGNED.findall(text):
-            value = re.sub(r"^[A-Za-z0-9_.-]+=(?=[<$])", "", value)  # a named client key: its key part
-            if value.startswith(("$", "<", "{")) or value in DEMO_WORDS:
-                continue
-            pytest.fail(f"{where}: {name} is given {value!r}, which a reader might use as a real key")
+        for name, key in assigned_keys(text):
+            assert is_placeholder(key), f"{where}: {name} is given {key!r}, which a reader might use as a real key"
     # The example Secret's values have spaces: the proxy refuses them as keys, so the example applied as it is
     # stops at start-up rather than run with keys anyone can read here.
     example = yaml.safe_load((K8S / "base" / "secret.example.yaml").read_text())
@@ -880,9 +896,15 @@ def test_no_key_like_value_a_reader_might_paste_as_real() -> None:
 
 
 def test_the_key_check_catches_a_pasteable_key(tmp_path: Path) -> None:
-    for text in ("FLEX_PROXY_CLIENT_KEYS=web=ck-123", "export OPENAI_API_KEY=sk-demo", "FLEX_PROXY_ADMIN_KEY: hunter2"):
-        hits = KEY_LIKE.findall(text) + [v for _, v in KEY_ASSIGNED.findall(text) if v not in DEMO_WORDS]
+    pasteable = (
+        "FLEX_PROXY_CLIENT_KEYS=web=ck-123", "export OPENAI_API_KEY=sk-demo", "FLEX_PROXY_ADMIN_KEY: hunter2",
+        "FLEX_PROXY_CLIENT_KEYS='web <key of web>,nightly q3MxXn0RzUQjYl7kP9aWbQ=='",
+    )  # fmt: skip
+    for text in pasteable:
+        hits = KEY_LIKE.findall(text) + [key for _, key in assigned_keys(text) if not is_placeholder(key)]
         assert hits, text
+    fine = "FLEX_PROXY_CLIENT_KEYS='web <key of web>,<a bare key>' FLEX_PROXY_API_KEY= OPENAI_API_KEY=$KEY"
+    assert all(is_placeholder(key) for _, key in assigned_keys(fine)) and not KEY_LIKE.search(fine)
 
 
 def test_standalone_is_a_replicated_service_with_a_disruption_budget(

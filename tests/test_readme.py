@@ -137,7 +137,8 @@ def test_quick_start_as_written_shows_flex_a_gate_wait_a_fallback_and_the_saving
     assert ("flex", "1") in {(tier, attempts) for tier, attempts, _ in answers}, "answers on flex at once"
     fallbacks = [answer for answer in answers if answer[0] == "default"]
     assert fallbacks, f"no fallback to the standard tier:\n{output}"
-    assert all(int(attempts) >= 2 for _, attempts, _ in fallbacks), "a fallback comes after refused flex attempts"
+    # What the README says of them: they waited for flex (about 4 s, as its deadline allowed), then went standard.
+    assert any(float(seconds) >= 2 for _, _, seconds in fallbacks), f"no fallback after a wait:\n{output}"
     assert _metric(output, "flexproxy_gate_wait_seconds_count") > 0, "no request waited in the gate"
     assert _metric(output, "flexproxy_fallbacks_total") == len(fallbacks)
     assert _metric(output, "flexproxy_cost_saved_usd_total") > 0
