@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +27,23 @@ def test_a_present_tool_is_found_beside_this_interpreter_first() -> None:
     assert need(Path(sys.executable).name) and find("python") == str(beside)
 
 
-@pytest.mark.needs("no-such-program-anywhere")
-def test_the_needs_marker_skips_before_the_test_runs() -> None:
-    pytest.fail("the marker should have skipped this test")
+def test_the_needs_marker_skips_before_the_test_runs_and_says_why(tmp_path: Path) -> None:
+    """A test marked with a missing program, run by pytest with this suite's conftest: skipped, with the reason
+    printed, and its body never run."""
+    marked = tmp_path / "test_marked.py"
+    marked.write_text(
+        "import pytest\n\n\n"
+        "@pytest.mark.needs('no-such-program-anywhere')\n"
+        "def test_marked():\n"
+        "    raise AssertionError('the body ran')\n"
+    )
+    tests = Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tests.parent / "pyproject.toml"),
+         "-p", "conftest", str(marked)],
+        cwd=tests.parent, env=os.environ | {"PYTHONPATH": str(tests)}, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 skipped" in result.stdout and "the body ran" not in result.stdout
+    assert "SKIPPED [1]" in result.stdout and "needs no-such-program-anywhere, which is not installed" in result.stdout
