@@ -69,6 +69,7 @@ PROXY_ENV = {
     "FLEX_PROXY_GATE_PROBE_INITIAL_S": "0.05",
     "FLEX_PROXY_GATE_PROBE_MAX_S": "0.2",
     "FLEX_PROXY_LOG_LEVEL": "warning",
+    "FLEX_PROXY_DRAIN_DELAY_S": "0",  # stopped with SIGTERM; nothing polls /readyz
 }
 
 

@@ -402,7 +402,7 @@ def test_compose_proxies_are_keyless_hardened_and_drain_before_sigkill(compose: 
         assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), f"{name}: unpinned {image}"
 
 
-PUBLISHED = re.compile(r"127\.0\.0\.1:\$\{([A-Z_]+):-(\d+)\}:(\d+)")
+PUBLISHED = re.compile(r"127\.0\.0\.1:\$\{([A-Z][A-Z0-9_]*):-(\d+)\}:(\d+)")
 
 
 def test_compose_host_ports_are_variables_with_defaults(compose: dict[str, Any]) -> None:
@@ -416,8 +416,8 @@ def test_compose_host_ports_are_variables_with_defaults(compose: dict[str, Any])
             published[match[1]] = match[2]
             assert f"\n# {match[1]}={match[2]}\n" in example, f"env.example does not show {match[1]}"
             assert not match[1].startswith("FLEX_PROXY_"), "an unknown setting to the proxy, whose env .env is"
-    assert published == {"PROXY_PORT": "8080", "DEMO_PROXY_PORT": "8090", "PROMETHEUS_PORT": "9090",
-                         "GRAFANA_PORT": "3000"}  # fmt: skip
+    assert published == {"PROXY_PORT": "8080", "DEMO_PROXY_PORT": "8090", "DEMO_PROXY_2_PORT": "8091",
+                         "PROMETHEUS_PORT": "9090", "GRAFANA_PORT": "3000"}  # fmt: skip
 
 
 def env_lines(text: str) -> dict[str, str]:
@@ -431,6 +431,11 @@ def env_lines(text: str) -> dict[str, str]:
     return pairs
 
 
+def interpolate(value: str, dotenv: dict[str, str]) -> str:
+    """`${NAME:-default}` as docker compose expands it: NAME from .env, the default when unset or empty."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: dotenv.get(m[1]) or m[2], value)
+
+
 def test_env_example_starts_the_proxy_with_any_commented_line_uncommented(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -440,9 +445,10 @@ def test_env_example_starts_the_proxy_with_any_commented_line_uncommented(
     assert len(commented) >= 5
     assert "FLEX_PROXY_ADMIN_KEY" in env_lines(text), "the control plane can be opened from .env"
     for line in [None, *commented]:
-        environment = compose["services"]["flex-proxy"]["environment"] | env_lines(
-            text if line is None else text.replace(f"# {line}\n", f"{line}\n")
-        )
+        dotenv = env_lines(text if line is None else text.replace(f"# {line}\n", f"{line}\n"))
+        # As compose does: .env first, the service's `environment` over it, ${NAME:-default} filled from .env.
+        service = compose["services"]["flex-proxy"]["environment"]
+        environment = dotenv | {name: interpolate(str(value), dotenv) for name, value in service.items()}
         for name in [name for name in os.environ if name.startswith("FLEX_PROXY_")]:
             monkeypatch.delenv(name)
         for name, value in environment.items():

@@ -872,6 +872,7 @@ def pure_python_parser_proxy(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")} | {
         "AIOHTTP_NO_EXTENSIONS": "1", "FLEX_PROXY_UPSTREAM_BASE_URL": planned[1].url + "/v1",
         "FLEX_PROXY_PORT": str(port), "FLEX_PROXY_MIN_BACKOFF_S": str(MIN_GAP_S),
+        "FLEX_PROXY_DRAIN_DELAY_S": "0",  # stopped with SIGTERM; nothing polls /readyz
     }  # fmt: skip
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy"], env=env, cwd=tmp_path_factory.mktemp("pyparser"),

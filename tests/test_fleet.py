@@ -40,7 +40,8 @@ class Replica:
 
     def start(self) -> Replica:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")}
-        env |= self.env | {"FLEX_PROXY_PORT": str(self.port)}
+        # No drain delay: stop() sends SIGTERM, and nothing polls /readyz.
+        env |= {"FLEX_PROXY_DRAIN_DELAY_S": "0"} | self.env | {"FLEX_PROXY_PORT": str(self.port)}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen([flex_proxy_command()], env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

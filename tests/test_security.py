@@ -114,6 +114,7 @@ def test_keys_with_equals_plus_and_slash_work_and_are_never_shown(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_PROXY_")}
     env |= {
         "FLEX_PROXY_UPSTREAM_BASE_URL": sim_server.base_url, "FLEX_PROXY_PORT": str(port),
+        "FLEX_PROXY_DRAIN_DELAY_S": "0",  # stopped with SIGTERM; nothing polls /readyz
         "FLEX_PROXY_API_KEY": "sk-proxy-secret", "FLEX_PROXY_CLIENT_KEYS": f"{BASE64_KEY},team {NAMED_KEY},{OLD_FORM}",
     }  # fmt: skip
     process = subprocess.Popen(
