@@ -23,7 +23,7 @@ from .observed import RATE_WINDOW_S
 from .page import savings_page
 from .policies import Policy, Rule
 from .pricing import ModelPrice, Rates
-from .savings import DEFAULT_DAYS, SavingsFigures, savings_figures
+from .savings import DEFAULT_DAYS, Figures, SavingsFigures, savings_figures
 from .services import Services
 
 # First path segments of the OpenAI API: a request for one of these without /v1 comes from a base_url missing it.
@@ -93,6 +93,9 @@ class FlexStatus(BaseModel):
     rate_window_s: float
     families: list[FamilyStatus]
     shared_state: SharedStateStatus
+    today: Figures | None = Field(
+        None, description="today's money and flex share (UTC), as /flex/savings has them; null inside /flex/savings"
+    )
 
 
 class RatesOut(BaseModel):
@@ -251,8 +254,11 @@ def control_app(services: Services, lifespan: Callable[[FastAPI], Any] | None = 
 
     @app.get("/flex/status", response_model=FlexStatus, dependencies=guarded, responses=ERRORS, tags=["flex"])
     async def flex_status() -> FlexStatus:
-        """Per model family: its flex gate(s), the recent flex-429 rate and the learned standard latency."""
-        return flex_status_of(services)
+        """Per model family: its flex gate(s), the recent flex-429 rate and the learned standard latency; and
+        today's money (what flex saved, what it cost, the flex share), from the daily ledger."""
+        shadow = services.metrics.shadow_saved.total()
+        found = await savings_figures(services.ledger, 1, services.wall(), settings.mode, shadow)
+        return flex_status_of(services).model_copy(update={"today": found.today.totals})
 
     @app.get("/flex/prices", response_model=Prices, dependencies=guarded, responses=ERRORS, tags=["flex"])
     async def flex_prices() -> Prices:
