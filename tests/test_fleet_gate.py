@@ -238,3 +238,40 @@ async def _ask(replica: Replica) -> str:
     finally:
         with contextlib.suppress(Exception):
             await client.close()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"[]",
+        b'{"e": "busy"}',
+        b'{"k": "", "e": "busy"}',
+        b'{"k": 3, "e": "busy"}',
+        b'{"k": "o3", "e": "busy", "f": "many"}',
+        b'{"k": "o3", "e": "who-knows"}',
+    ],
+)
+async def test_a_message_that_makes_no_sense_changes_nothing(fleet: Callable[..., Any], data: bytes) -> None:
+    member = await fleet()
+    gate = member.gate()
+    member.fleet._message(data)
+    assert gate.core.state is State.OPEN and [g.key for g in member.gates] == ["o3"]
+
+
+async def test_a_busy_message_with_an_unreadable_delay_still_makes_the_gate_busy(fleet: Callable[..., Any]) -> None:
+    member = await fleet()
+    member.fleet._message(b'{"k": "o3", "e": "busy", "in": "soon", "o": "x"}')
+    assert member.gate().core.state is State.BUSY
+
+
+async def test_hostile_figures_in_a_message_are_clamped_and_long_messages_ignored(fleet: Callable[..., Any]) -> None:
+    member = await fleet()
+    gate = member.gate()
+    member.fleet._message(b'{"k": "o3", "e": "probe", "in": 1e308, "f": 1e300, "o": "x"}'.ljust(4097))
+    assert gate.core.state is State.OPEN  # past MAX_MESSAGE (4096 bytes): ignored
+    member.fleet._message(b'{"k": "o3", "e": "probe", "in": "nan", "f": -5, "o": "x"}'.ljust(4096))
+    assert gate.core.state is State.BUSY and gate.core.failed_probes == 0  # at the bound: read, figures clamped
+    member.fleet._message(b'{"k": "o3", "e": "probe", "in": 1e308, "f": 1e18, "o": "x"}')
+    assert gate.core.next_probe_at - time.monotonic() <= 60.0  # retry-after's cap
+    assert gate.core.failed_probes == 1 << 30
