@@ -13,7 +13,7 @@ from typing import Literal
 from redis.asyncio import Redis
 
 from .ledger import MAX_CELLS, MAX_DAYS, OVERFLOW, Cell, Ledger, Tally, day_range
-from .shared import SharedDown, SharedState
+from .shared import SharedDown, SharedState, stop_then_flush
 from .spend import new_token
 
 FLUSH_S = 1.0  # the fleet's totals lag this process's by about this much
@@ -139,12 +139,7 @@ class FleetLedger:
 
     async def close(self) -> None:
         """Send what is left (bounded by the timeout), then stop."""
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-        with contextlib.suppress(SharedDown):
-            await self.flush()
+        await stop_then_flush(self._writer, self.flush)
 
     async def _write(self) -> None:
         while True:

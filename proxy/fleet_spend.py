@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from .shared import SharedDown, SharedState
+from .shared import SharedDown, SharedState, stop_then_flush
 from .spend import HOLD_TTL_S, NANO, DailySpend, Verdict, new_token
 
 KEY_TTL_S = 2 * 86_400  # a day's spend is kept through the next day, for the status page
@@ -195,12 +195,7 @@ class FleetSpend(DailySpend):
 
     async def close(self) -> None:
         """Write what is left (bounded by the timeout), then stop."""
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-        with contextlib.suppress(SharedDown):
-            await self.flush()
+        await stop_then_flush(self._writer, self.flush)
         for task in list(self._tasks):
             task.cancel()
 

@@ -325,6 +325,16 @@ def _reraise_cancel() -> None:
         raise asyncio.CancelledError
 
 
+async def stop_then_flush(writer: asyncio.Task[None] | None, flush: Callable[[], Awaitable[None]]) -> None:
+    """Stop a background writer, then write what is left (bounded by the timeout; dropped if Redis is away)."""
+    if writer is not None:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+    with contextlib.suppress(SharedDown):
+        await flush()
+
+
 async def _sleep_or(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
