@@ -69,18 +69,20 @@ class ProxyApp:
         guard = DisconnectGuard(receive)
         responder = Responder(send, guard, settle)
         s.metrics.in_flight.labels(record.endpoint).inc()
+        current = asyncio.current_task()
+        # The pipeline runs in this task (uvicorn's, one per request), which the guard cancels if the client leaves:
+        # no second task per request.
+        guard.watch(current)
         try:
-            prefixed = raw.startswith("/v1/")
-            work = asyncio.get_running_loop().create_task(
-                self._serve(scope, receive, record, responder, guard, prefixed)
-            )
-            guard.watch(work)
-            await work
+            await self._serve(scope, receive, record, responder, guard, raw.startswith("/v1/"))
         except ResponseAborted:
             raise  # after accounting in `finally`: uvicorn drops the connection, as it must
         except asyncio.CancelledError:
-            current = asyncio.current_task()
+            guard.disarm()  # what follows may still answer: a client leaving now must not cancel that answer
             if guard.fired:
+                # Our own cancel: taken back (Python 3.11 counts it), and the request ends here as before.
+                if current is not None:
+                    current.uncancel()
                 record.outcome = "client_disconnected"
             else:
                 # uvicorn cancels what still runs when its graceful-shutdown time is up: answer in OpenAI's shape
@@ -91,6 +93,7 @@ class ProxyApp:
                 await _shutting_down(responder, record)
         except Exception:
             # A bug of ours: the client still gets an OpenAI-shaped answer, and the proxy keeps serving.
+            guard.disarm()
             LOG.exception("unexpected error while serving %s %r", record.method, record.path)
             record.outcome = "proxy_error"
             record.status = 500
