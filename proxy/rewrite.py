@@ -13,6 +13,7 @@ from functools import cached_property
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
+from . import jsontext
 from .errors import ClientError
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -151,7 +152,7 @@ def parse(raw: bytes) -> Body:
     except UnicodeDecodeError as exc:
         raise ClientError(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        values = json.loads(text, parse_constant=_no_constant)
+        values = jsontext.loads(raw, lambda _: json.loads(text, parse_constant=_no_constant))
         if not isinstance(values, dict):
             raise ValueError("the body must be a JSON object")
     except RecursionError:

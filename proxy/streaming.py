@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import jsontext
+
 # An event ends with an empty line; a line ends with CRLF, LF or CR (the SSE spec), so any two line ends in a row
 # end an event: \n\n, \r\r, \r\n\r\n, \n\r\n, \r\n\n, \r\r\n, \n\r.
 _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
@@ -191,7 +193,7 @@ class StreamState:
 def json_object(data: bytes) -> dict[str, Any] | None:
     """`data` parsed as a JSON object, or None when it is not one."""
     try:
-        obj = json.loads(data)
+        obj = jsontext.loads(data)
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
