@@ -220,6 +220,9 @@ class Upstream:
         self.host = f"{url.host}:{url.port}" if url.port is not None else str(url.host)
         self._connect_timeout_s = connect_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        # Made once, not per attempt: a model request's wait is bounded by its caller; a pass-through's reads time out.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s)
+        self._raw_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=idle_timeout_s)
         self._max_connections = max_connections
         self._keepalive = keepalive
         self._session: aiohttp.ClientSession | None = None
@@ -235,7 +238,7 @@ class Upstream:
         )  # fmt: skip
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout_s),
+            timeout=self._timeout,
             skip_auto_headers=_NO_AUTO,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
@@ -283,9 +286,7 @@ class Upstream:
                 allow_redirects=False,
                 auto_decompress=not raw,
                 skip_auto_headers=_NO_AUTO_RAW if raw else None,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=self._connect_timeout_s, sock_read=self._idle_timeout_s if raw else None
-                ),
+                timeout=self._raw_timeout if raw else self._timeout,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc, loop.time() - sent_at, exchange.answered) from exc
