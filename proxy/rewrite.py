@@ -62,8 +62,9 @@ class Body:
         edits: list[tuple[int, int, str]] = []  # (start, end, replacement) in text offsets
         # The common edit adds keys the body lacks, at its front: no member needs locating for that.
         order = self.order if any(key in self.values for key in changes) else ()
-        dropped = [m.key in changes and changes[m.key] is _DROP for m in order]
-        edits.extend(self._removals(order, dropped))
+        if order:
+            dropped = [m.key in changes and changes[m.key] is _DROP for m in order]
+            edits.extend(self._removals(order, dropped))
         prefix: list[str] = []
         for key, value in changes.items():
             if value is _DROP:
@@ -123,10 +124,14 @@ class RawJSON(str):
     """A member value given as JSON text, spliced in as it is."""
 
 
+# Made once: json.dumps with any option builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def _dumps(value: Any) -> str:
     if isinstance(value, RawJSON):
         return str(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODE(value)
 
 
 def with_usage(body: Body) -> RawJSON | None:
