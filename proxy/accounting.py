@@ -15,7 +15,7 @@ from .pricing import Costing, PriceTable, Usage, nano_usd, price, shadow_savings
 from .spend import DailySpend, SpendTab
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """What happened to one request, filled in as it goes."""
 

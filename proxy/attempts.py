@@ -24,7 +24,7 @@ from .tiers import TierDecision
 from .upstream import UpstreamResponse
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     """What the attempts of one model request need."""
 
@@ -42,7 +42,7 @@ class Job:
     expect_usage: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenStream:
     """A 200 event stream whose first events have been read but not yet sent."""
 
@@ -52,7 +52,7 @@ class OpenStream:
     chunks: AsyncGenerator[bytes, None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer:
     """An upstream answer, read far enough to relay: the whole body, or a stream's opening events."""
 

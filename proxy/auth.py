@@ -9,7 +9,7 @@ from .config import Settings
 from .errors import Unauthorized
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Caller:
     name: str  # the client's name from FLEX_PROXY_CLIENT_KEYS (`default` when unnamed or without client keys)
     authorization: str | None  # the Authorization header to send upstream

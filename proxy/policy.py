@@ -127,7 +127,7 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Limits:
     strategy: str  # backoff | standard | backoff-then-standard | fail
     max_flex_attempts: int

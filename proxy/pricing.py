@@ -38,7 +38,7 @@ class ModelPrice:
     effective: str | None = None  # the date these prices took effect
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Usage:
     input: int = 0  # all prompt tokens, cached and cache-write ones included
     cached_input: int = 0
@@ -47,7 +47,7 @@ class Usage:
     cache_write: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Costing:
     cost_usd: Decimal
     saved_usd: Decimal  # standard price minus flex price, for answers served on flex

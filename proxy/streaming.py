@@ -20,7 +20,7 @@ TERMINAL_RESPONSE_EVENTS = frozenset({"response.completed", "response.incomplete
 OPENING_RESPONSE_EVENTS = frozenset({"response.created", "response.in_progress", "response.queued"})
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
     raw: bytes  # the event as received, its blank-line terminator included
     event: str | None
@@ -82,7 +82,7 @@ def _parse_block(block: bytes, raw: bytes) -> Event:
     return Event(raw, name, b"\n".join(data))
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamState:
     """What a relayed stream told the proxy: served tier, usage, errors, and whether it ended properly."""
 

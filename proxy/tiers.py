@@ -14,7 +14,7 @@ from .errors import ClientError
 FLEX = "flex"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TierDecision:
     tier: str | None  # the service_tier sent upstream (None: the body carries none)
     managed: bool  # the proxy chose this tier, so it may drop it if upstream rejects it (fallback applies to any flex)

@@ -127,7 +127,7 @@ def keepalive_socket(keepalive: Keepalive) -> Any:
     return make
 
 
-@dataclass
+@dataclass(slots=True)
 class _Exchange:
     """One attempt, as its connection sees it: whether any byte of an answer has arrived."""
 
@@ -166,7 +166,7 @@ class _Connector(aiohttp.TCPConnector):
         self._factory = cast("functools.partial[ResponseHandler]", functools.partial(_Handler, loop=self._loop))
 
 
-@dataclass
+@dataclass(slots=True)
 class UpstreamResponse:
     """One upstream answer whose headers have arrived; the body is read or streamed, then `close()`d."""
 
