@@ -107,7 +107,7 @@ class DisconnectGuard:
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Future[Message] | None = None
         self._work: asyncio.Task[Any] | None = None
         self.fired = False
 
@@ -116,16 +116,20 @@ class DisconnectGuard:
 
     def arm(self) -> None:
         if self._watcher is None and self._work is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self._wait())
+            # The server's own `receive` as the task, with a callback: no coroutine of ours held per request.
+            self._watcher = asyncio.ensure_future(self._receive())
+            self._watcher.add_done_callback(self._heard)
 
     def disarm(self) -> None:
         self._work = None
 
-    async def _wait(self) -> None:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                break
+    def _heard(self, watcher: asyncio.Future[Message]) -> None:
+        if watcher.cancelled() or watcher.exception() is not None:
+            return
+        if watcher.result()["type"] != "http.disconnect":
+            self._watcher = None
+            self.arm()  # not the end yet: listen on
+            return
         if self._work is not None and not self._work.done():
             self.fired = True
             self._work.cancel()
@@ -139,10 +143,12 @@ def new_request_id() -> str:
 class Responder:
     """Sends one HTTP response and remembers whether it has started (after which no status can change)."""
 
-    def __init__(self, send: Send, guard: DisconnectGuard, on_finish: Callable[[], None]) -> None:
+    def __init__(self, send: Send, guard: DisconnectGuard, on_finish: Callable[[str | None], None]) -> None:
         self._send = send
         self._guard = guard
-        self._on_finish = on_finish  # runs just before the last byte, so a client that has its answer sees it counted
+        # Given the error id, once: just before the last byte (so a client that has its answer sees it counted), or
+        # at the end of a request that never finished its answer.
+        self._on_finish: Callable[[str | None], None] | None = on_finish
         self.started = False
         # For a started stream: the in-band error event that ends it honestly (set by whoever streams).
         self.error_event: Callable[[str, str], bytes] | None = None
@@ -156,9 +162,15 @@ class Responder:
         if data:
             await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
+    def settle(self) -> None:
+        """Run `on_finish` if it has not run yet."""
+        on_finish, self._on_finish = self._on_finish, None
+        if on_finish is not None:
+            on_finish(self.error_id)
+
     async def finish(self, data: bytes = b"") -> None:
         self._guard.disarm()
-        self._on_finish()
+        self.settle()
         await self._send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def error(self, exc: FlexProxyError, headers: list[tuple[bytes, bytes]], *, retry: bool = False) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from typing import Any
@@ -53,21 +54,8 @@ class ProxyApp:
         client = scope.get("client")
         record = Record(endpoint or "other", scope["method"], rest, peer=client[0] if client else None)
         s = self.s
-        start = s.clock()
-        settled = False
-
-        def settle() -> None:
-            nonlocal settled
-            if not settled:
-                settled = True
-                record.error_id = responder.error_id
-                s.metrics.in_flight.labels(record.endpoint).dec()
-                now = s.wall()
-                duration = s.clock() - start
-                account(record, duration, s.metrics, s.prices, s.access_log, s.spend, s.ledger, utc_day(now), now)
-
         guard = DisconnectGuard(receive)
-        responder = Responder(send, guard, settle)
+        responder = Responder(send, guard, functools.partial(self._settle, record, s.clock()))
         s.metrics.in_flight.labels(record.endpoint).inc()
         current = asyncio.current_task()
         # The pipeline runs in this task (uvicorn's, one per request), which the guard cancels if the client leaves:
@@ -100,7 +88,16 @@ class ProxyApp:
             await responder.error(FlexProxyError("The proxy failed to handle this request."), record.flex_headers())
         finally:
             guard.disarm()
-            settle()
+            responder.settle()
+
+    def _settle(self, record: Record, start: float, error_id: str | None) -> None:
+        """The request is over (or its last byte is about to go): count it, price it, log it."""
+        s = self.s
+        record.error_id = error_id
+        s.metrics.in_flight.labels(record.endpoint).dec()
+        now = s.wall()
+        duration = s.clock() - start
+        account(record, duration, s.metrics, s.prices, s.access_log, s.spend, s.ledger, utc_day(now), now)
 
     async def _serve(
         self, scope: Scope, receive: Receive, rec: Record, out: Responder, guard: DisconnectGuard, prefixed: bool

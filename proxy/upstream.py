@@ -271,6 +271,7 @@ class Upstream:
                 data = _pieces(body)
             else:
                 data = b"".join(body)
+            del body  # its pieces are views that need not outlive the wait for the answer
         else:
             data = body
         loop = asyncio.get_running_loop()
