@@ -105,6 +105,8 @@ class DisconnectGuard:
     than a cancellation thrown through uvicorn's `receive`.
     """
 
+    __slots__ = ("_receive", "_watcher", "_work", "fired")
+
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
         self._watcher: asyncio.Future[Message] | None = None
@@ -142,6 +144,8 @@ def new_request_id() -> str:
 
 class Responder:
     """Sends one HTTP response and remembers whether it has started (after which no status can change)."""
+
+    __slots__ = ("_guard", "_on_finish", "_send", "error_event", "error_id", "started")
 
     def __init__(self, send: Send, guard: DisconnectGuard, on_finish: Callable[[str | None], None]) -> None:
         self._send = send

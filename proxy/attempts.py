@@ -74,6 +74,8 @@ class Answer:
 class Attempts:
     """Runs one job's attempts; `run()` returns the answer to relay or raises the final UpstreamError."""
 
+    __slots__ = ("arrived", "flex_pass", "job", "last_429", "last_sent", "model_label", "on_flex", "progress", "s")
+
     def __init__(self, services: Services, job: Job) -> None:
         self.s = services
         self.job = job

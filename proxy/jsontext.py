@@ -9,7 +9,6 @@ left: it turns integers past 64 bits into floats, where `json` keeps them exact.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,9 +16,21 @@ import msgspec
 _DECODE = msgspec.json.Decoder().decode
 
 
-def loads(data: bytes, fallback: Callable[[bytes], Any] = json.loads) -> Any:
-    """`fallback(data)` (`json.loads` unless told), by msgspec where it can."""
+class Refused(Exception):
+    """msgspec does not read this text: ask the standard library."""
+
+
+def fast_loads(data: bytes) -> Any:
+    """msgspec's reading of `data`, which equals `json.loads(data)`; Refused where msgspec will not read it."""
     try:
         return _DECODE(data)
     except (msgspec.DecodeError, RecursionError):  # msgspec's depth limit is its own: json's is the one that counts
-        return fallback(data)
+        raise Refused from None
+
+
+def loads(data: bytes) -> Any:
+    """`json.loads(data)`, by msgspec where it can."""
+    try:
+        return _DECODE(data)
+    except (msgspec.DecodeError, RecursionError):
+        return json.loads(data)

@@ -37,9 +37,13 @@ class Body:
     each top-level member sits in the text."""
 
     raw: bytes
-    text: str
     values: dict[str, Any]  # a duplicated key keeps its last value, as json.loads does
     open_brace: int
+
+    @cached_property
+    def text(self) -> str:
+        """The body as text (valid UTF-8: `parse` checked), made only for an edit that needs it."""
+        return self.raw.decode("utf-8")
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
@@ -103,7 +107,7 @@ class Body:
     def _apply(self, edits: list[tuple[int, int, str]]) -> Parts:
         if not edits:
             return (self.raw,)
-        ascii_only = len(self.text) == len(self.raw)
+        ascii_only = self.raw.isascii()  # then text offsets are byte offsets, and the text need not be made
         raw = memoryview(self.raw)  # slices of the original are views, not copies
         out: list[bytes | memoryview] = []
         cursor = 0
@@ -153,11 +157,22 @@ def with_usage(body: Body) -> RawJSON | None:
 def parse(raw: bytes) -> Body:
     """Parse a JSON object body; anything else is a ClientError naming what is wrong."""
     try:
+        values = jsontext.fast_loads(raw)  # msgspec accepts valid UTF-8 only
+    except jsontext.Refused:
+        values = _strict_loads(raw)
+    if not isinstance(values, dict):
+        _strict_loads(raw)  # says what is wrong with it
+    return Body(raw, values, len(raw) - len(raw.lstrip(b" \t\n\r")))
+
+
+def _strict_loads(raw: bytes) -> dict[str, Any]:
+    """The standard library's reading of the body, or the ClientError that says why it is not a JSON object."""
+    try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ClientError(f"The request body is not valid UTF-8 (byte {exc.start}).") from None
     try:
-        values = jsontext.loads(raw, lambda _: json.loads(text, parse_constant=_no_constant))
+        values = json.loads(text, parse_constant=_no_constant)
         if not isinstance(values, dict):
             raise ValueError("the body must be a JSON object")
     except RecursionError:
@@ -169,7 +184,7 @@ def parse(raw: bytes) -> Body:
         except (ValueError, IndexError, RecursionError) as precise:
             reason = str(precise)
         raise ClientError(f"We could not parse the JSON body of your request: {reason}") from None
-    return Body(raw, text, values, len(text) - len(text.lstrip(" \t\n\r")))
+    return values
 
 
 def _no_constant(name: str) -> Any:

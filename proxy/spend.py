@@ -179,6 +179,8 @@ class DailySpend:
 class SpendTab:
     """One request's standard sends against its client's cap: `allowed()` before each, `settle()` once at the end."""
 
+    __slots__ = ("book", "cap", "client", "family", "settled", "tokens", "verdict")
+
     def __init__(self, book: DailySpend, client: str, cap: float | None, family: str) -> None:
         self.book = book
         self.client = client
