@@ -27,10 +27,10 @@ PATH = "/v1/chat/completions"
 
 def _proxy(log_dir: Path, tree: Path | None, upstream: str, name: str) -> procs.Service:
     service = procs.proxy(log_dir, upstream, name)
-    if tree is not None:  # `python -m proxy` from that checkout: its own proxy/ comes first on sys.path
+    if tree is not None:  # that checkout's proxy/ first on sys.path (`-m` would put this one's, the cwd, first)
         at = service.argv.index("--host")
-        service.argv = [sys.executable, "-m", "bench.nofile", "--", sys.executable, "-m", "proxy", *service.argv[at:]]
-        service.env["PYTHONPATH"] = str(tree)
+        start = f"import sys; sys.path.insert(0, {str(tree)!r}); from proxy.cli import main; sys.exit(main())"
+        service.argv = [sys.executable, "-m", "bench.nofile", "--", sys.executable, "-c", start, *service.argv[at:]]
     return service
 
 

@@ -406,9 +406,11 @@ def test_quick_run_measures_every_scenario(tmp_path: Path) -> None:
     assert 0 < overhead["gate_open_path_share_of_cpu"] < 1 and overhead["gate_ratio_c32_2se"] >= 0
 
     assert [row["target"] for row in results["verdicts"]] == [row["target"] for row in report.verdicts(results)]
-    # 3 overhead, held, bodies, streams; sequential, four clients, open loop (issues 14 and 9), long busy; the
-    # fleet on two workloads and its open path.
-    assert len(results["verdicts"]) == 3 + 1 + 1 + 1 + (1 + 1 + 2 + 1) + 3
+    # 4 overhead (share of nginx, added p50, CPU a request, the gate), held, bodies, streams; sequential, four
+    # clients, open loop (issues 14 and 9), long busy; the fleet on two workloads and its open path.
+    assert len(results["verdicts"]) == 4 + 1 + 1 + 1 + (1 + 1 + 2 + 1) + 3
+    share = next(row for row in results["verdicts"] if "nginx proxy_pass" in row["target"])
+    assert share["value"] == overhead["compare"]["flex-proxy"]["c32"]["rps_ratio_vs_nginx"]
     text = docs.read_text()
     again = tmp_path / "again.md"
     rendered = subprocess.run(
