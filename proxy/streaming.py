@@ -67,6 +67,8 @@ class SSEDecoder:
 
 
 def _parse_block(block: bytes, raw: bytes) -> Event:
+    if block.startswith(b"data: ") and b"\n" not in block and b"\r" not in block:
+        return Event(raw, None, block[6:])  # one data line: nearly every event of a stream
     name: str | None = None
     data: list[bytes] = []
     for line in _LINE.split(block):
@@ -200,6 +202,21 @@ def json_object(data: bytes) -> dict[str, Any] | None:
 
 
 def _drop_null_usage(raw: bytes) -> bytes:
-    """Remove the `"usage":null` member that include_usage adds to every chunk, when it appears once."""
-    matches = _NULL_USAGE.findall(raw)
-    return _NULL_USAGE.sub(b"", raw, count=1) if len(matches) == 1 else raw
+    """Remove the `"usage":null` member that include_usage adds to every chunk, when it appears once.
+
+    Every match holds the literal `"usage"`, and starts at its first occurrence or at the comma (and blanks) just
+    before it: the pattern is searched from there, not tried at every byte of the chunk."""
+    at = raw.find(b'"usage"')
+    if at < 0:
+        return raw
+    start = at
+    while start > 0 and raw[start - 1] in b" \t\n\r":
+        start -= 1
+    if start > 0 and raw[start - 1] == ord(","):
+        start -= 1
+    first = _NULL_USAGE.search(raw, start)
+    if first is None:
+        return raw
+    if raw.find(b'"usage"', first.end()) >= 0 and _NULL_USAGE.search(raw, first.end()) is not None:
+        return raw  # more than once: not the member include_usage adds
+    return raw[: first.start()] + raw[first.end() :]
