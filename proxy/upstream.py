@@ -262,7 +262,7 @@ class Upstream:
         The caller bounds the wait for the answer's headers. A model answer (`raw` false) is decompressed for
         reading; a pass-through answer (`raw`) is not, and its body reads time out after a silence."""
         assert self._session is not None, "Upstream.start() was not awaited"
-        data: bytes | AsyncIterable[bytes | memoryview] | AsyncIterable[bytes] | None = None
+        data: bytes | aiohttp.payload.Payload | AsyncIterable[bytes | memoryview] | AsyncIterable[bytes] | None = None
         if isinstance(body, tuple):
             size = sum(len(part) for part in body)
             if size > _CHUNK:  # sent as views of the client's bytes, never copied whole again
@@ -270,7 +270,8 @@ class Upstream:
                 headers["content-length"] = str(size)
                 data = _pieces(body)
             else:
-                data = b"".join(body)
+                # The payload aiohttp would pick for bytes, made here: it skips aiohttp's lookup by type.
+                data = aiohttp.payload.BytesPayload(b"".join(body))
             del body  # its pieces are views that need not outlive the wait for the answer
         else:
             data = body
