@@ -29,6 +29,7 @@ from .config import Settings, where
 from .logs import LOGGER, configure, text_value
 from .policies import PolicyFileError, check_file
 from .pricing import PriceTable
+from .wire import HttpProtocol
 
 DESCRIPTION = "Reverse proxy for the OpenAI API that sends eligible requests on the flex tier."
 # The sub-commands, as `--help` lists them; without one, `flex-proxy` runs the proxy.
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # logs.configure already set uvicorn's loggers up in the proxy's format
         access_log=False,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
+        http=HttpProtocol,  # uvicorn's httptools protocol, each response in one write (wire.py)
+        ws="none",
         lifespan="on",
         backlog=BACKLOG,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
