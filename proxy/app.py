@@ -8,6 +8,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import Gauge, disable_created_metrics
@@ -16,9 +17,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import Authorizer
 from .config import Settings
 from .control import control_app
-from .fleet import Fleet
-from .fleet_ledger import FleetLedger
-from .fleet_spend import FleetSpend
 from .gate import GateConfig, Gates, Reporter
 from .ledger import Ledger
 from .logs import AccessLog
@@ -29,9 +27,14 @@ from .pricing import PriceTable
 from .reporting import GateMetrics
 from .routes import ProxyApp
 from .services import Services
-from .shared import SharedState
 from .spend import DailySpend
 from .upstream import Keepalive, Upstream
+
+if TYPE_CHECKING:  # the shared state's modules bring redis-py (~7 MB): imported only when it is configured
+    from .fleet import Fleet
+    from .fleet_ledger import FleetLedger
+    from .fleet_spend import FleetSpend
+    from .shared import SharedState
 
 LAG_INTERVAL_S = 0.5
 
@@ -68,6 +71,10 @@ def create_app(
     fleet_spend: FleetSpend | None = None
     fleet_ledger: FleetLedger | None = None
     if settings.state_url is not None:
+        from .fleet_ledger import FleetLedger
+        from .fleet_spend import FleetSpend
+        from .shared import SharedState
+
         shared = SharedState(
             settings.state_url.get_secret_value(),
             prefix=settings.state_prefix,
@@ -91,6 +98,8 @@ def create_app(
         )
         reporter: Reporter = GateMetrics(metrics)
         if shared is not None:  # the gates of every process that shares the state act as one
+            from .fleet import Fleet
+
             reporter = fleet = Fleet(shared, reporter, rand)
         gates = Gates(config, clock, reporter)
     observed = Observed(settings.standard_reserve_s, settings.standard_reserve_min_s, settings.standard_reserve_max_s)

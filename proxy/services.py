@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .auth import Authorizer
 from .config import Settings
@@ -17,9 +18,11 @@ from .metrics import Metrics
 from .observed import Observed
 from .policies import PolicySet
 from .pricing import PriceTable
-from .shared import SharedState
 from .spend import DailySpend
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .shared import SharedState
 
 
 @dataclass
