@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # logs.configure already set uvicorn's loggers up in the proxy's format
         access_log=False,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http=HttpProtocol,  # uvicorn's httptools protocol, each response in one write (wire.py)
+        http=HttpProtocol,  # uvicorn's httptools protocol; under load a connection's writes leave once a turn (wire.py)
         ws="none",
         lifespan="on",
         backlog=BACKLOG,
