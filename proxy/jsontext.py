@@ -31,6 +31,6 @@ def fast_loads(data: bytes) -> Any:
 def loads(data: bytes) -> Any:
     """`json.loads(data)`, by msgspec where it can."""
     try:
-        return _DECODE(data)
-    except (msgspec.DecodeError, RecursionError):
+        return fast_loads(data)
+    except Refused:
         return json.loads(data)

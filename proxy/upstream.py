@@ -218,8 +218,6 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         url = URL(self.base_url)
         self.host = f"{url.host}:{url.port}" if url.port is not None else str(url.host)
-        self._connect_timeout_s = connect_timeout_s
-        self._idle_timeout_s = idle_timeout_s
         # Made once, not per attempt: a model request's wait is bounded by its caller; a pass-through's reads time out.
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s)
         self._raw_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=idle_timeout_s)
